@@ -1,0 +1,3 @@
+from eplb.cli import entry
+
+entry()

@@ -1,0 +1,515 @@
+"""Migration-aware planning: reach a new placement while moving few expert weights.
+
+A rebalance copies the weights of every slot whose logical expert changes (a *move*), and
+serving stalls while it does. Two tools bound that cost:
+
+- :func:`align` re-labels an ideal placement so that as many slots as possible keep their
+  expert: GPUs (within nodes) and slots (within GPUs) are interchangeable for balance, so
+  the target's GPUs are matched to the current GPUs (an assignment problem) and each expert
+  that stays on a GPU keeps its slot;
+- :func:`move_within_budget` finds a placement at most ``k`` moves per layer away from the
+  current one, greedily buying the largest max-GPU-load reduction per move.
+
+:func:`migration_cost` counts the moves (and bytes) between two placements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Optional
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from eplb.algorithms.base import PlanSpec
+from eplb.errors import EplbError
+from eplb.placement import EMPTY_SLOT, Placement
+
+# Candidate replacement experts tried per slot of the hottest GPU (the lightest after one more replica).
+_LIGHT_CANDIDATES = 4
+# Relative tolerance under which a load change counts as no change (float rounding).
+_RTOL = 1e-12
+
+
+# Cost ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """What a rebalance from one placement to another moves.
+
+    Attributes:
+        changed: ``[L, P]`` bool, the slots whose logical expert changes.
+        moves: ``[L]`` int64, changed slots per layer.
+        total_moves: changed slots over all layers.
+        bytes: weight bytes copied (``bytes_per_expert`` times the changed slots that receive an
+            expert; a slot left empty copies nothing), or None when no expert size was given.
+    """
+
+    changed: torch.Tensor
+    moves: torch.Tensor
+    total_moves: int
+    bytes: Optional[int]
+
+
+def migration_cost(current: Placement, new: Placement, bytes_per_expert: Optional[int] = None) -> MigrationCost:
+    """The moves (and bytes) a rebalance from ``current`` to ``new`` costs.
+
+    Args:
+        current: the placement now serving.
+        new: the placement to switch to; same layers, experts, slots, GPUs and nodes.
+        bytes_per_expert: weight bytes of one expert (DeepSeek-V3 in fp8:
+            ``3 * 7168 * 2048 = 44_040_192``), or None to skip the byte count.
+    """
+    _check_same_shape(current, new)
+    if bytes_per_expert is not None and not _is_int(bytes_per_expert, minimum=1):
+        raise EplbError(
+            f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}; "
+            "pass the weight bytes of one expert (e.g. 3 * hidden * intermediate * bytes per parameter)"
+        )
+    changed = current.phy2log != new.phy2log
+    moves = changed.sum(dim=1)
+    filled = int((changed & (new.phy2log != EMPTY_SLOT)).sum())
+    return MigrationCost(
+        changed=changed,
+        moves=moves,
+        total_moves=int(moves.sum()),
+        bytes=None if bytes_per_expert is None else filled * int(bytes_per_expert),
+    )
+
+
+def _check_same_shape(current: Placement, new: Placement) -> None:
+    for name in ("num_layers", "num_experts", "num_slots", "num_gpus", "num_nodes"):
+        a, b = getattr(current, name), getattr(new, name)
+        if a != b:
+            raise EplbError(
+                f"the placements differ in {name} ({a} vs {b}); compare placements of the same model and cluster"
+            )
+
+
+# Validation of plan(current=..., max_moves=...) -------------------------------------------
+
+
+def check_current(current: object, spec: PlanSpec, num_layers: int, num_experts: int) -> Placement:
+    """``current`` as a Placement that fits the request, or EplbError naming the mismatch."""
+    if not isinstance(current, Placement):
+        raise EplbError(
+            f"current must be a Placement, got {type(current).__name__}; "
+            "load it with Placement.from_dict() or pass the result of an earlier eplb.plan()"
+        )
+    expected = {
+        "num_layers": (num_layers, "the load's layer count"),
+        "num_experts": (num_experts, "the load's expert count"),
+        "num_slots": (spec.num_slots, "num_slots"),
+        "num_gpus": (spec.num_gpus, "num_gpus"),
+        "num_nodes": (spec.num_nodes, "num_nodes"),
+    }
+    for name, (want, source) in expected.items():
+        have = getattr(current, name)
+        if have != want:
+            raise EplbError(
+                f"current placement has {name}={have} but {source} is {want}; pass the placement now serving "
+                "this model on this cluster, or plan without current="
+            )
+    return current
+
+
+def check_max_moves(max_moves: object, current: object) -> Optional[int]:
+    """``max_moves`` as an int (or None), or EplbError."""
+    if max_moves is None:
+        return None
+    if current is None:
+        raise EplbError("max_moves bounds the moves away from a current placement; pass current= as well")
+    if not _is_int(max_moves, minimum=0):
+        raise EplbError(
+            f"max_moves must be a non-negative integer (slots changed per layer) or None, got {max_moves!r}"
+        )
+    return int(max_moves)  # type: ignore[call-overload]
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
+
+
+# Orchestration ------------------------------------------------------------------------------
+
+
+def migrate(current: Placement, target: Placement, load: torch.Tensor, max_moves: Optional[int]) -> Placement:
+    """The placement to switch to from ``current``, given the ideal ``target``.
+
+    Args:
+        current: the placement now serving.
+        target: the ideal placement for ``load`` (any algorithm); same shape as ``current``.
+        load: ``[L, E]`` or ``[T, L, E]`` (summed over ``T``) expert loads, as recorded: layers
+            without load keep their current row, since no move there can improve anything measured.
+        max_moves: the most slots changed per layer, or None for the aligned ``target``.
+    """
+    _check_same_shape(current, target)
+    load = load.sum(0) if load.ndim == 3 else load
+    aligned = align(current.phy2log, target.phy2log, current.num_gpus, current.num_nodes)
+    if max_moves is None:
+        out, name = aligned, target.algorithm
+    else:
+        out = move_within_budget(current.phy2log, aligned, load, current.num_gpus, max_moves)
+        name = f"{target.algorithm} (max_moves={max_moves})"
+    unloaded = load.sum(1) == 0
+    out = torch.where(unloaded[:, None], current.phy2log, out)
+    return Placement(out, current.num_experts, current.num_gpus, current.num_nodes, algorithm=name)
+
+
+# Alignment ------------------------------------------------------------------------------------
+
+
+def align(
+    current: torch.Tensor,
+    target: torch.Tensor,
+    num_gpus: int,
+    num_nodes: int = 1,
+    permute_gpus: bool = True,
+) -> torch.Tensor:
+    """Re-label ``target`` to keep as many slots of ``current`` unchanged as possible.
+
+    Permuting GPUs within a node, nodes as wholes, and slots within a GPU changes neither the
+    GPU loads nor the node loads, so the result is exactly as balanced as ``target``. GPUs are
+    matched by the number of experts they share (multiset overlap), optimally per layer; within a
+    GPU, an expert that stays keeps its current slot and the incoming experts fill the freed
+    slots in the target's order.
+
+    Args:
+        current: ``[L, P]`` phy2log now serving (``-1``: empty slot).
+        target: ``[L, P]`` phy2log to reach, with the same expert multiset per GPU as the result.
+        num_gpus: ``G``.
+        num_nodes: ``N``; GPUs only move within their node so node-level balance is kept too.
+        permute_gpus: False keeps each target GPU on its own rank and only re-orders slots within
+            GPUs (what vLLM does when it preserves intra-GPU slots).
+
+    Returns:
+        ``[L, P]`` int64 phy2log: ``target`` with GPUs and slots permuted.
+    """
+    num_layers, num_slots = current.shape
+    per_gpu = num_slots // num_gpus
+    cur = current.view(num_layers, num_gpus, per_gpu)
+    tgt = target.view(num_layers, num_gpus, per_gpu)
+    if permute_gpus:
+        rank_of = _match_gpus(cur, tgt, num_nodes)  # [L, G]: target GPU for each current rank
+        tgt = tgt.gather(1, rank_of[:, :, None].expand(-1, -1, per_gpu))
+    return _keep_slots(cur, tgt).reshape(num_layers, num_slots)
+
+
+def _gpu_counts(phy2log: torch.Tensor) -> torch.Tensor:
+    """``[L, G, E + 1]`` replicas of each expert per GPU (the last id counts empty slots)."""
+    num_layers, num_gpus, _ = phy2log.shape
+    ids = torch.where(phy2log >= 0, phy2log, int(phy2log.max()) + 1)
+    width = int(ids.max()) + 1
+    counts = torch.zeros(num_layers, num_gpus, width, dtype=torch.int64)
+    return counts.scatter_add_(2, ids, torch.ones_like(ids))
+
+
+def _match_gpus(cur: torch.Tensor, tgt: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``[L, G]``: for each current GPU, the target GPU that shares the most experts with it."""
+    num_layers, num_gpus, _ = cur.shape
+    # One id space for both, with the empty slot as an extra id, so empty matches empty.
+    both = _gpu_counts(torch.cat([cur, tgt], dim=1))
+    cur_cnt, tgt_cnt = both[:, :num_gpus], both[:, num_gpus:]
+    out = torch.empty(num_layers, num_gpus, dtype=torch.int64)
+    for layer in range(num_layers):
+        overlap = torch.minimum(cur_cnt[layer, :, None], tgt_cnt[layer, None]).sum(-1).numpy()
+        out[layer] = torch.from_numpy(_assign_within_nodes(overlap, num_nodes))
+    return out
+
+
+def _assign_within_nodes(overlap: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Max-overlap assignment of GPUs that maps nodes onto nodes.
+
+    Args:
+        overlap: ``[G, G]`` experts shared by current GPU ``i`` and target GPU ``j``.
+        num_nodes: ``N``; node ``n`` holds GPUs ``[n * G/N, (n + 1) * G/N)``.
+
+    Returns:
+        ``[G]`` int64: the target GPU of each current GPU.
+    """
+    per_node = overlap.shape[0] // num_nodes
+    # blocks[n, m]: the [G/N, G/N] overlap of current node n's GPUs with target node m's.
+    blocks = overlap.reshape(num_nodes, per_node, num_nodes, per_node).transpose(0, 2, 1, 3)
+    best = np.zeros((num_nodes, num_nodes), dtype=np.int64)
+    inner = np.zeros((num_nodes, num_nodes, per_node), dtype=np.int64)
+    for n in range(num_nodes):
+        for m in range(num_nodes):
+            rows, cols = linear_sum_assignment(blocks[n, m], maximize=True)
+            best[n, m] = blocks[n, m][rows, cols].sum()
+            inner[n, m, rows] = cols
+    node_rows, node_cols = linear_sum_assignment(best, maximize=True)
+    out = np.empty(overlap.shape[0], dtype=np.int64)
+    for n, m in zip(node_rows, node_cols):
+        out[n * per_node : (n + 1) * per_node] = m * per_node + inner[n, m]
+    return out
+
+
+def _keep_slots(cur: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Order each GPU's target experts so that the ones it already holds stay in their slots.
+
+    Args:
+        cur: ``[..., S]`` experts now in each local slot.
+        tgt: ``[..., S]`` experts the GPU must hold (any order).
+
+    Returns:
+        ``[..., S]``: a permutation of ``tgt`` per GPU that agrees with ``cur`` on as many slots
+        as the two multisets share.
+    """
+    per_gpu = cur.shape[-1]
+    earlier = torch.ones(per_gpu, per_gpu, dtype=torch.bool).tril(-1)
+
+    def matched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # The k-th copy of an expert in a is matched when b holds at least k + 1 copies.
+        seen_before = ((a[..., :, None] == a[..., None, :]) & earlier).sum(-1)
+        return seen_before < (a[..., :, None] == b[..., None, :]).sum(-1)
+
+    keep = matched(cur, tgt)
+    used = matched(tgt, cur)
+    # Freed slots (in slot order) take the unmatched target experts (in target order).
+    free_slots = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
+    incoming = tgt.gather(-1, torch.sort(used.to(torch.int8), dim=-1, stable=True).indices)
+    filled = torch.empty_like(tgt).scatter_(-1, free_slots, incoming)
+    return torch.where(keep, cur, filled)
+
+
+# Budgeted moves -----------------------------------------------------------------------------------
+
+
+def move_within_budget(
+    current: torch.Tensor,
+    target: torch.Tensor,
+    load: torch.Tensor,
+    num_gpus: int,
+    max_moves: int,
+) -> torch.Tensor:
+    """The most balanced placement found at most ``max_moves`` changed slots per layer away.
+
+    Per layer, a greedy local search from ``current`` (see :func:`_greedy_moves`) is compared
+    with ``target`` whenever ``target`` is within the budget; the lower max GPU load wins (ties go
+    to ``target``). The result is never worse than ``current`` and, as the greedy path for a
+    larger budget extends the one for a smaller budget, does not get worse as the budget grows.
+
+    Args:
+        current: ``[L, P]`` phy2log now serving (``-1``: empty slot).
+        target: ``[L, P]`` the ideal phy2log, best already aligned to ``current`` (:func:`align`).
+        load: ``[L, E]`` expert loads the result is balanced for.
+        num_gpus: ``G``.
+        max_moves: the most slots whose expert may change, per layer.
+
+    Returns:
+        ``[L, P]`` int64 phy2log; every expert keeps at least one replica, and no GPU receives a
+        second replica of an expert it holds.
+    """
+    num_experts = load.shape[1]
+    weight = torch.cat([load.to(torch.float64), load.new_zeros(load.shape[0], 1, dtype=torch.float64)], dim=1)
+    greedy = _greedy_moves(_with_empty_id(current, num_experts), weight, num_gpus, max_moves)
+    greedy = torch.where(greedy == num_experts, EMPTY_SLOT, greedy)
+    reachable = (target != current).sum(1) <= max_moves
+    tgt_max = _max_gpu_load(_with_empty_id(target, num_experts), weight, num_gpus)
+    greedy_max = _max_gpu_load(_with_empty_id(greedy, num_experts), weight, num_gpus)
+    take_target = reachable & (tgt_max <= greedy_max * (1 + _RTOL))
+    return torch.where(take_target[:, None], target, greedy)
+
+
+def _with_empty_id(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Empty slots as the extra expert id ``E`` (zero load), so they index like experts."""
+    return torch.where(phy2log >= 0, phy2log, num_experts)
+
+
+def _max_gpu_load(row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[L]`` max GPU load of ``row [L, P]`` (ids in ``[0, E]``) under ``weight [L, E + 1]``."""
+    count = torch.zeros_like(weight).scatter_add_(1, row, torch.ones_like(row, dtype=weight.dtype))
+    return _gpu_loads(row, weight / count.clamp(min=1), num_gpus).max(1).values
+
+
+def _gpu_loads(row: torch.Tensor, per_replica: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    return per_replica.gather(1, row).view(row.shape[0], num_gpus, -1).sum(-1)
+
+
+def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_moves: int) -> torch.Tensor:
+    """Greedy local search from ``row`` that spends at most ``max_moves`` changed slots per layer.
+
+    Every step looks at the hottest GPU of each layer and applies the move with the largest
+    max-load reduction per changed slot, among:
+
+    - *replicate*: a slot elsewhere (holding an expert with another replica, or empty) takes an
+      expert of the hottest GPU, which then carries a smaller share of that expert;
+    - *replace*: a slot of the hottest GPU (holding an expert with another replica) takes one of
+      the experts lightest after one more replica;
+    - *swap*: a slot of the hottest GPU and a slot of another GPU exchange experts (two moves).
+
+    When no move lowers the max (several GPUs share it), the move that most lowers the sum of
+    squared GPU loads without raising the max is taken, so the next steps can lower each of them.
+    A layer stops when nothing improves; its result is the state after its last max-lowering
+    move, so no budget is spent on moves that did not pay off.
+
+    Args:
+        row: ``[L, P]`` phy2log with empty slots as id ``E``.
+        weight: ``[L, E + 1]`` expert loads, with ``0`` for the empty id ``E``.
+        num_gpus: ``G``.
+        max_moves: changed slots allowed per layer, counted against ``row``.
+
+    Returns:
+        ``[L, P]`` phy2log, empty slots as id ``E``.
+    """
+    num_layers, num_slots = row.shape
+    width = weight.shape[1]  # E + 1
+    per_gpu = num_slots // num_gpus
+    layers = torch.arange(num_layers)
+    slot_gpu = torch.arange(num_slots) // per_gpu
+    local = torch.arange(per_gpu)
+    origin = row
+    best = row
+    used = torch.zeros(num_layers, dtype=torch.int64)
+    active = torch.ones(num_layers, dtype=torch.bool)
+    # Re-changing a slot already changed is free, so steps can outnumber moves; bound them anyway.
+    for _ in range(2 * min(max_moves, num_slots)):
+        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.float64)
+        held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
+        count = held.sum(-1)
+        per_replica = weight / count.clamp(min=1)
+        gpu = _gpu_loads(row, per_replica, num_gpus)
+        top, hot = gpu.max(1)
+        squares = (gpu**2).sum(1)
+        hot_slots = hot[:, None] * per_gpu + local  # [L, S]
+        # An expert may give up a slot if it keeps another replica; an empty slot always may.
+        spare = (count >= 2) | (torch.arange(width) == width - 1)
+
+        singles = _single_candidates(row, weight, held, count, per_replica, spare, hot, hot_slots)
+        swaps = _swap_candidates(row, held, per_replica, gpu, hot, hot_slots, slot_gpu) if num_gpus > 1 else None
+        cands = [c for c in (singles, swaps) if c is not None]
+        slot_a, value_a, slot_b, value_b, new_max, new_squares, valid = (torch.cat(x, 1) for x in zip(*cands))
+
+        cost = _cost(origin, row, slot_a, value_a) + _cost(origin, row, slot_b, value_b) * (slot_b != slot_a)
+        valid &= used[:, None] + cost <= max_moves
+        per_move = cost.clamp(min=1).to(torch.float64)
+        lower_max = valid & (new_max < top[:, None] * (1 - _RTOL))
+        flatter = valid & (new_max <= top[:, None]) & (new_squares < squares[:, None] * (1 - _RTOL))
+        by_max = torch.where(lower_max, (top[:, None] - new_max) / per_move, -torch.inf).argmax(1)
+        by_squares = torch.where(flatter, (squares[:, None] - new_squares) / per_move, -torch.inf).argmax(1)
+        improves = lower_max.any(1)
+        step = active & (improves | flatter.any(1))
+        if not bool(step.any()):
+            break
+        pick = torch.where(improves, by_max, by_squares)[:, None]
+        row = row.clone()
+        for slots, values in ((slot_a, value_a), (slot_b, value_b)):
+            s = slots.gather(1, pick).squeeze(1)
+            v = torch.where(step, values.gather(1, pick).squeeze(1), row[layers, s])
+            row[layers, s] = v
+        used = used + torch.where(step, cost.gather(1, pick).squeeze(1), 0)
+        best = torch.where((step & improves)[:, None], row, best)
+        active = step
+    return best
+
+
+def _cost(origin: torch.Tensor, row: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Change in the number of slots that differ from ``origin`` when ``slots`` take ``values``."""
+    was = origin.gather(1, slots)
+    return (values != was).to(torch.int64) - (row.gather(1, slots) != was).to(torch.int64)
+
+
+def _single_candidates(row, weight, held, count, per_replica, spare, hot, hot_slots):
+    """Replicate and replace candidates: one slot takes another expert.
+
+    Returns ``(slot, value, slot, value, new_max, new_squares, valid)``, each ``[L, C]`` (the
+    slot is repeated so that single moves and swaps share one layout).
+    """
+    width = weight.shape[1]
+    # Replicate: a slot that its expert can spare takes an expert of the hottest GPU.
+    spare_slot = spare.gather(1, row)
+    num_spare = int(spare_slot.sum(1).max())
+    spare_first = torch.sort((~spare_slot).to(torch.int8), dim=1, stable=True).indices[:, :num_spare]
+    replicate = _replacements(
+        row, weight, held, count, per_replica, spare,
+        slot=spare_first[:, None, :],
+        expert=row.gather(1, hot_slots)[:, :, None],
+        allowed=spare_slot.gather(1, spare_first)[:, None, :],
+    )
+    # Replace: a slot of the hottest GPU takes an expert that is light after one more replica.
+    on_hot = held.gather(2, hot[:, None, None].expand(-1, width, 1)).squeeze(2) > 0
+    lighter = torch.where(on_hot, torch.inf, weight / (count + 1))
+    lighter[:, -1] = torch.inf  # the empty id is no expert to add
+    light = torch.sort(lighter, dim=1, stable=True)
+    num_light = min(_LIGHT_CANDIDATES, width - 1)
+    replace = _replacements(
+        row, weight, held, count, per_replica, spare,
+        slot=hot_slots[:, :, None],
+        expert=light.indices[:, None, :num_light],
+        allowed=light.values[:, None, :num_light].isfinite(),
+    )
+    return tuple(torch.cat(parts, 1) for parts in zip(replicate, replace))
+
+
+def _replacements(row, weight, held, count, per_replica, spare, slot, expert, allowed):
+    """Every slot of ``slot`` takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``).
+
+    ``slot`` varies along one axis and ``expert`` along the other, so the GPU-load terms of each
+    are computed once per axis and only their sum is ``[L, X, Y, G]``.
+    """
+    num_layers, width, num_gpus = held.shape
+    per_gpu = row.shape[1] // num_gpus
+    layers = torch.arange(num_layers)[:, None, None]
+    old = row[layers, slot]
+    gpu_of = slot // per_gpu
+    # No GPU receives a second replica of an expert it holds (this also rules out old == expert).
+    valid = allowed & spare[layers, old] & (expert != width - 1) & (held[layers, expert, gpu_of] == 0)
+    # GPU loads after the move: the new expert's replicas shrink, the old expert's grow,
+    # and the slot's own GPU trades one replica for the other.
+    gain = weight[layers, expert] / (count[layers, expert] + 1)
+    lose = weight[layers, old] / (count[layers, old] - 1).clamp(min=1)
+    gpu = _gpu_loads(row, per_replica, num_gpus)[:, None, None, :]
+    new_side = held[layers, expert] * (gain - per_replica[layers, expert])[..., None]
+    old_side = held[layers, old] * (lose - per_replica[layers, old])[..., None]
+    after = (gpu + new_side) + old_side if new_side.shape[1] > 1 else (gpu + old_side) + new_side
+    after.scatter_add_(3, gpu_of.expand(after.shape[:3])[..., None], (gain - lose).expand(after.shape[:3])[..., None])
+    shape = after.shape[:3]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(shape).reshape(num_layers, -1)
+
+    return flat(slot), flat(expert), flat(slot), flat(expert), flat(after.max(3).values), flat((after**2).sum(3)), flat(valid)
+
+
+def _swap_candidates(row, held, per_replica, gpu, hot, hot_slots, slot_gpu):
+    """Swap candidates: a slot ``p`` of the hottest GPU and a slot ``q`` elsewhere trade experts.
+
+    Replica counts do not change, so only the two GPUs' loads do. Returns the same layout as
+    :func:`_single_candidates`.
+    """
+    num_layers, width, num_gpus = held.shape
+    num_slots = row.shape[1]
+    per_gpu = hot_slots.shape[1]
+    layers = torch.arange(num_layers)[:, None, None]
+    a = row.gather(1, hot_slots)[:, :, None]  # [L, S, 1]
+    b = row[:, None, :]  # [L, 1, P]
+    to_gpu = slot_gpu[None, None, :]
+    empty_id = width - 1
+    valid = (
+        (to_gpu != hot[:, None, None])
+        & (a != b)
+        & ((b == empty_id) | (held[layers, b, hot[:, None, None]] == 0))
+        & ((a == empty_id) | (held[layers, a, to_gpu] == 0))
+    )
+    ra, rb = per_replica.gather(1, a.squeeze(2))[:, :, None], per_replica.gather(1, row)[:, None, :]
+    hot_load = gpu.gather(1, hot[:, None])[:, :, None]
+    new_hot = hot_load - ra + rb
+    new_other = gpu[:, None, :].gather(2, to_gpu.expand(num_layers, 1, -1)) + ra - rb
+    # The max over the GPUs the swap leaves alone: the top two besides the hottest suffice.
+    # (A padding column stands in when there are only two GPUs.)
+    others = torch.cat([gpu.scatter(1, hot[:, None], -torch.inf), gpu.new_full((num_layers, 1), -torch.inf)], 1)
+    top2 = others.topk(2, dim=1)
+    first, second = top2.values[:, :1], top2.values[:, 1:]
+    rest = torch.where(top2.indices[:, :1] == slot_gpu[None, :], second, first)[:, None, :]
+    new_max = torch.maximum(rest, torch.maximum(new_hot, new_other))
+    old_other = gpu[:, None, :].gather(2, to_gpu.expand(num_layers, 1, -1))
+    squares = (gpu**2).sum(1)[:, None, None] - hot_load**2 - old_other**2 + new_hot**2 + new_other**2
+    p = hot_slots[:, :, None].expand(-1, -1, num_slots).reshape(num_layers, -1)
+    q = torch.arange(num_slots).expand(num_layers, per_gpu, -1).reshape(num_layers, -1)
+    a_flat = a.expand(-1, -1, num_slots).reshape(num_layers, -1)
+    b_flat = b.expand(-1, per_gpu, -1).reshape(num_layers, -1)
+    flat = lambda t: t.expand(num_layers, per_gpu, num_slots).reshape(num_layers, -1)  # noqa: E731
+    return p, b_flat, q, a_flat, flat(new_max), flat(squares), flat(valid)

@@ -1,0 +1,381 @@
+"""Placement files: eplb's own, and the static-placement inputs of the serving engines.
+
+Formats (``PLACEMENT_FORMATS``; without ``format=`` the extension decides):
+
+- ``eplb`` (``.json``): ``format``, ``eplb_version``, ``created`` (UTC, ISO 8601), the fields of
+  ``Placement.to_dict()``, ``layer_ids`` and the caller's ``metadata``. The only format with room
+  for empty slots.
+- ``sglang`` (``.pt``, or ``.json`` with ``format="sglang"``): exactly
+  ``{"physical_to_logical_map": [L, P]}`` for ``--init-expert-location``. SGLang passes the keys on
+  as arguments, so any other key fails there; it picks the decoder by the ``.pt`` / ``.json``
+  suffix and reads row ``l`` as model layer ``l``.
+- ``trtllm`` (``.yaml``, ``.yml``): TensorRT-LLM's ``moe_config.load_balancer`` file:
+  ``num_slots``, ``initial_global_assignments`` {layer id (int): [logical expert of each slot]} and
+  ``layer_updates_per_iter: 0`` (a static placement). Its config model forbids other keys.
+- ``vllm`` (``.json`` with ``format="vllm"``): ``{"num_layers", "num_physical_experts",
+  "num_logical_experts", "ep_size", "layer_ids", "physical_to_logical_map": [L, P]}``. vLLM reads no
+  placement file (its ``EplbState`` keeps ``physical_to_logical_map [MoE layers, P]`` in memory);
+  this layout carries that map, each row keyed by its model layer id in ``layer_ids``.
+
+Slots are numbered globally in every format: slot ``p`` is on rank ``p // (P / G)``. Every write
+is atomic (``eplb.io.atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+import eplb
+from eplb.errors import EplbError
+from eplb.io.atomic import atomic_write
+from eplb.io.decode import import_yaml, load_json, load_torch, load_yaml, require_file
+from eplb.placement import EMPTY_SLOT, Placement
+
+PLACEMENT_FORMATS = ("eplb", "sglang", "trtllm", "vllm")
+EPLB_FORMAT = "eplb.placement"
+
+_SUFFIX_FORMAT = {".json": "eplb", ".pt": "sglang", ".yaml": "trtllm", ".yml": "trtllm"}
+_SGLANG_KEY = "physical_to_logical_map"
+_TRTLLM_KEYS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
+_VLLM_KEYS = ("num_layers", "num_physical_experts", "num_logical_experts", "ep_size", "layer_ids", _SGLANG_KEY)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True, eq=False)
+class PlacementFile:
+    """A placement read from a file, with what the file says about it.
+
+    Attributes:
+        placement: the ``Placement``.
+        layer_ids: ``[L]``: the model layer id of each row (``range(L)`` where the file has none).
+        format: one of ``PLACEMENT_FORMATS``.
+        metadata: the caller's metadata of an eplb file (or TensorRT-LLM's other settings).
+    """
+
+    placement: Placement
+    layer_ids: list[int]
+    format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def write_placement(
+    placement: Placement,
+    path: PathLike,
+    format: Optional[str] = None,
+    *,
+    layer_ids: Optional[Sequence[int]] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write ``placement`` for an engine (or for eplb) atomically; return the path written.
+
+    Args:
+        placement: the placement, ``phy2log [L, P]``.
+        path: the destination; its directory must exist.
+        format: one of ``PLACEMENT_FORMATS``; by default inferred from the extension
+            (``.json``: eplb, ``.pt``: sglang, ``.yaml``/``.yml``: trtllm).
+        layer_ids: ``[L]``: the model layer id of each row, default ``range(L)``. TensorRT-LLM keys
+            its assignments by them, eplb and vllm files record them; SGLang takes row ``l`` as
+            layer ``l``, so it accepts only ``range(L)``.
+        metadata: JSON-ready facts to keep in an eplb file (e.g. the statistics file and the
+            cluster spec); the engines' formats have no room for it and leave it out.
+    """
+    path = Path(path)
+    fmt = _resolve_format(path, format)
+    ids = _check_layer_ids(layer_ids, placement.num_layers)
+    data = _ENCODERS[fmt](placement, path, ids, dict(metadata or {}))
+    return atomic_write(path, data)
+
+
+def read_placement(path: PathLike, *, num_gpus: Optional[int] = None, num_nodes: Optional[int] = None) -> Placement:
+    """Read a placement file of any of ``PLACEMENT_FORMATS`` (see ``read_placement_file``)."""
+    return read_placement_file(path, num_gpus=num_gpus, num_nodes=num_nodes).placement
+
+
+def read_placement_file(
+    path: PathLike, *, num_gpus: Optional[int] = None, num_nodes: Optional[int] = None
+) -> PlacementFile:
+    """Read a placement file: eplb or vLLM JSON, SGLang init file (JSON or ``.pt``), TensorRT-LLM YAML.
+
+    Args:
+        path: the file; ``.yaml``/``.yml`` is read as YAML, ``.pt`` with ``torch.load``, others as JSON.
+        num_gpus: ``G``. SGLang and TensorRT-LLM files do not record it, so it is required for
+            them; for eplb and vLLM files it is checked against the file when given.
+        num_nodes: ``N``, likewise (default: the eplb file's, else 1).
+
+    The number of logical experts of an SGLang or TensorRT-LLM file is the largest id plus one
+    (every expert has a replica in a valid placement).
+    """
+    path = Path(path)
+    require_file(path, "placement file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            return _decode_trtllm(load_yaml(path), path, num_gpus, num_nodes)
+        data = load_torch(path) if suffix == ".pt" else load_json(path)
+    except OSError as exc:
+        raise EplbError(f"cannot read {path} ({exc.strerror or exc}); check it is readable") from None
+    if isinstance(data, Mapping):
+        if "phy2log" in data:
+            return _decode_eplb(data, path, num_gpus, num_nodes)
+        if _SGLANG_KEY in data:
+            decode = _decode_vllm if "num_logical_experts" in data else _decode_sglang
+            return decode(data, path, num_gpus, num_nodes)
+        if "logical_count" in data:
+            raise EplbError(
+                f"{path} holds expert loads (logical_count), not a placement; read it with eplb.io.read_load"
+            )
+    found = ", ".join(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
+    raise EplbError(
+        f"{path} is not a placement file (found {found}); expected phy2log (eplb), physical_to_logical_map "
+        "(SGLang, vLLM) or a TensorRT-LLM .yaml with initial_global_assignments"
+    )
+
+
+# Writing -------------------------------------------------------------------------------------
+
+
+def _resolve_format(path: Path, fmt: Optional[str]) -> str:
+    if fmt is None:
+        fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+        if fmt is None:
+            raise EplbError(
+                f"cannot infer the placement format of {path} from its extension; pass format= one of "
+                f"{', '.join(PLACEMENT_FORMATS)}, or name it .json (eplb), .pt (sglang) or .yaml (trtllm)"
+            )
+    if fmt not in PLACEMENT_FORMATS:
+        raise EplbError(f"unknown placement format {fmt!r}; choose one of: {', '.join(PLACEMENT_FORMATS)}")
+    return fmt
+
+
+def _check_layer_ids(layer_ids: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    if layer_ids is None:
+        return list(range(num_layers))
+    try:
+        ids = [operator.index(i) for i in layer_ids]
+    except TypeError:
+        raise EplbError(f"layer ids must be integers, got {list(layer_ids)!r}; pass the model's layer ids") from None
+    if len(ids) != num_layers:
+        raise EplbError(f"{len(ids)} layer ids for a placement of {num_layers} layers; pass one id per row")
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise EplbError(f"layer ids must be distinct and non-negative, got {_brief(ids)}; pass the model's layer ids")
+    return ids
+
+
+def _require_full(placement: Placement, engine: str) -> None:
+    empty = int((placement.phy2log == EMPTY_SLOT).sum())
+    if empty:
+        raise EplbError(
+            f"{engine} cannot load a placement with empty slots ({empty} here); use an algorithm that fills "
+            "every slot, or for round_robin a slot count that is a multiple of the expert count"
+        )
+
+
+def _encode_eplb(placement: Placement, path: Path, ids: list[int], metadata: dict[str, Any]) -> bytes:
+    body = placement.to_dict()
+    phy2log = body.pop("phy2log")
+    return _dump_json({
+        "format": EPLB_FORMAT,
+        "eplb_version": eplb.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **body,
+        "layer_ids": ids,
+        "metadata": metadata,
+        "phy2log": phy2log,
+    })
+
+
+def _encode_sglang(placement: Placement, path: Path, ids: list[int], metadata: dict[str, Any]) -> bytes:
+    _require_full(placement, "SGLang")
+    if ids != list(range(placement.num_layers)):
+        raise EplbError(
+            f"SGLang reads row l as model layer l, but these rows are layers {_brief(ids)}; plan on statistics "
+            "with one row per model layer (as SGLang records them), or write the trtllm or eplb format"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        buffer = BytesIO()
+        torch.save({_SGLANG_KEY: placement.phy2log.clone()}, buffer)
+        return buffer.getvalue()
+    if suffix == ".json":
+        return _dump_json({_SGLANG_KEY: placement.phy2log.tolist()})
+    raise EplbError(
+        f"SGLang reads --init-expert-location from a .json or .pt file (it parses any other value as inline "
+        f"JSON); name {path.name} *.json or *.pt"
+    )
+
+
+def _encode_trtllm(placement: Placement, path: Path, ids: list[int], metadata: dict[str, Any]) -> bytes:
+    yaml = import_yaml()
+    _require_full(placement, "TensorRT-LLM")
+
+    class FlowListDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # libyaml's emitter is ~10x faster
+        """Lists in flow style: one line per layer, as TensorRT-LLM's own generator writes them."""
+
+    FlowListDumper.add_representer(
+        list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+    )
+    config = {
+        "num_slots": placement.num_slots,
+        "initial_global_assignments": dict(zip(ids, placement.phy2log.tolist())),
+        "layer_updates_per_iter": 0,
+    }
+    # A width no row reaches: one line per layer (libyaml takes a C int, not infinity).
+    return yaml.dump(config, Dumper=FlowListDumper, sort_keys=False, width=1 << 30).encode("utf-8")
+
+
+def _encode_vllm(placement: Placement, path: Path, ids: list[int], metadata: dict[str, Any]) -> bytes:
+    _require_full(placement, "vLLM")
+    return _dump_json({
+        "num_layers": placement.num_layers,
+        "num_physical_experts": placement.num_slots,
+        "num_logical_experts": placement.num_experts,
+        "ep_size": placement.num_gpus,
+        "layer_ids": ids,
+        _SGLANG_KEY: placement.phy2log.tolist(),
+    })
+
+
+_ENCODERS: dict[str, Callable[[Placement, Path, list[int], dict[str, Any]], bytes]] = {
+    "eplb": _encode_eplb,
+    "sglang": _encode_sglang,
+    "trtllm": _encode_trtllm,
+    "vllm": _encode_vllm,
+}
+
+
+def _dump_json(data: Mapping[str, Any]) -> bytes:
+    """JSON with one line per key and one line per row of a matrix: readable, and small diffs."""
+
+    def encode(value: Any) -> str:
+        if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+            return "[\n" + ",\n".join(f"    {json.dumps(row)}" for row in value) + "\n  ]"
+        return json.dumps(value, default=_jsonable, allow_nan=False)
+
+    try:
+        body = ",\n".join(f"  {json.dumps(key)}: {encode(value)}" for key, value in data.items())
+    except (TypeError, ValueError) as exc:
+        raise EplbError(
+            f"metadata cannot be written as JSON ({exc}); pass strings, finite numbers, lists and dicts"
+        ) from None
+    return ("{\n" + body + "\n}\n").encode("utf-8")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serializable")
+
+
+def _brief(ids: list[int]) -> str:
+    return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:4]))}, ..., {ids[-1]}]"
+
+
+# Reading -------------------------------------------------------------------------------------
+
+
+def _decode_eplb(
+    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+) -> PlacementFile:
+    placement = Placement.from_dict(dict(data))
+    _check_matches(path, "num_gpus", num_gpus, placement.num_gpus)
+    _check_matches(path, "num_nodes", num_nodes, placement.num_nodes)
+    ids = _check_layer_ids(data.get("layer_ids"), placement.num_layers)
+    return PlacementFile(placement, ids, "eplb", dict(data.get("metadata") or {}))
+
+
+def _decode_sglang(
+    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+) -> PlacementFile:
+    extra = [str(k) for k in data if k != _SGLANG_KEY]
+    if extra:
+        raise EplbError(
+            f"{path} has keys besides {_SGLANG_KEY} ({', '.join(extra)}), which SGLang rejects; remove them"
+        )
+    placement = _from_map(data[_SGLANG_KEY], path, "SGLang", num_gpus, num_nodes)
+    return PlacementFile(placement, list(range(placement.num_layers)), "sglang")
+
+
+def _decode_trtllm(data: Any, path: Path, num_gpus: Optional[int], num_nodes: Optional[int]) -> PlacementFile:
+    if not isinstance(data, Mapping) or not isinstance(data.get("initial_global_assignments"), Mapping):
+        raise EplbError(
+            f"{path} has no initial_global_assignments mapping; a TensorRT-LLM load-balancer file maps each "
+            "layer id to the expert of every slot"
+        )
+    extra = [str(k) for k in data if k not in _TRTLLM_KEYS]
+    if extra:
+        raise EplbError(
+            f"{path} has keys TensorRT-LLM's MoeLoadBalancerConfig rejects ({', '.join(extra)}); "
+            f"keep only {', '.join(_TRTLLM_KEYS)}"
+        )
+    try:
+        assignments = {int(k): v for k, v in data["initial_global_assignments"].items()}
+    except (TypeError, ValueError):
+        raise EplbError(f"{path} has layer keys that are not integers; key each assignment by its layer id") from None
+    ids = sorted(assignments)
+    num_slots = data.get("num_slots")
+    for layer in ids:
+        if num_slots is not None and len(assignments[layer]) != num_slots:
+            raise EplbError(
+                f"layer {layer} of {path} assigns {len(assignments[layer])} slots but num_slots is {num_slots}; "
+                "give every layer one expert per slot"
+            )
+    placement = _from_map([assignments[layer] for layer in ids], path, "TensorRT-LLM", num_gpus, num_nodes)
+    return PlacementFile(placement, ids, "trtllm", {"layer_updates_per_iter": data.get("layer_updates_per_iter", 0)})
+
+
+def _decode_vllm(
+    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+) -> PlacementFile:
+    missing = [k for k in _VLLM_KEYS if k not in data]
+    if missing:
+        raise EplbError(
+            f"{path} lacks {', '.join(missing)} of the vllm placement layout; write it with write_placement"
+        )
+    _check_matches(path, "num_gpus", num_gpus, int(data["ep_size"]))
+    placement = _from_map(
+        data[_SGLANG_KEY], path, "vLLM", int(data["ep_size"]), num_nodes, num_experts=int(data["num_logical_experts"])
+    )
+    for key, actual in (("num_layers", placement.num_layers), ("num_physical_experts", placement.num_slots)):
+        if int(data[key]) != actual:
+            raise EplbError(f"{path} says {key}={data[key]} but its map gives {actual}; fix the file")
+    return PlacementFile(placement, _check_layer_ids(data["layer_ids"], placement.num_layers), "vllm")
+
+
+def _from_map(
+    phy2log: Any,
+    path: Path,
+    engine: str,
+    num_gpus: Optional[int],
+    num_nodes: Optional[int],
+    num_experts: Optional[int] = None,
+) -> Placement:
+    if num_gpus is None:
+        raise EplbError(f"{path} ({engine} format) does not record the GPU count; pass num_gpus")
+    try:
+        table = torch.as_tensor(phy2log)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EplbError(
+            f"the map of {path} is not a [layers, slots] table of expert ids ({exc}); fix the file"
+        ) from None
+    if table.numel() and int(table.min()) < 0:
+        raise EplbError(f"{path} has negative expert ids; {engine} needs a logical expert in every slot")
+    if num_experts is None:
+        num_experts = int(table.max()) + 1 if table.numel() else 0
+    return Placement(table, num_experts=num_experts, num_gpus=num_gpus, num_nodes=num_nodes or 1)
+
+
+def _check_matches(path: Path, name: str, given: Optional[int], stored: int) -> None:
+    if given is not None and given != stored:
+        raise EplbError(f"{path} was written for {name}={stored}, not {given}; pass {stored} or leave {name} out")

@@ -1,0 +1,44 @@
+"""Expert-load tensors: validation and the dense-layer rule shared by the planner and the readers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.errors import EplbError
+
+
+def as_history(load: Any, what: str = "load") -> torch.Tensor:
+    """Validate a load ``[L, E]`` or history ``[T, L, E]`` and return it as float64 ``[T, L, E]``.
+
+    Raises EplbError for a wrong number of dimensions, an empty tensor, or NaN, infinite or
+    negative entries.
+    """
+    try:
+        # from_numpy rejects string and object arrays with a TypeError, like as_tensor does.
+        t = torch.from_numpy(np.ascontiguousarray(load)) if isinstance(load, np.ndarray) else torch.as_tensor(load)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise EplbError(f"{what} is not a numeric array ({exc}); pass a [layers, experts] tensor") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise EplbError(f"{what} has dtype {t.dtype}; pass real-valued token counts")
+    t = t.detach().to("cpu", torch.float64)
+    if t.ndim not in (2, 3):
+        raise EplbError(
+            f"{what} has {t.ndim} dimensions (shape {tuple(t.shape)}); pass [layers, experts] "
+            "or a history [steps, layers, experts]"
+        )
+    if t.numel() == 0:
+        raise EplbError(f"{what} is empty (shape {tuple(t.shape)}); pass at least one layer and one expert")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise EplbError(f"{what} has {bad} NaN or infinite entries; clean the statistics before planning")
+    if (t < 0).any():
+        raise EplbError(f"{what} has {int((t < 0).sum())} negative entries; loads are token counts and must be >= 0")
+    return t if t.ndim == 3 else t.unsqueeze(0)
+
+
+def dense_layers(history: torch.Tensor) -> torch.Tensor:
+    """``[L]`` bool: layers with no load in any step (dense layers, e.g. DeepSeek-V3's first 3)."""
+    return history.sum(dim=(0, 2)) == 0

@@ -1,0 +1,131 @@
+"""How balanced a placement is for a given load.
+
+Every metric is per layer; ``BalanceReport.summary()`` averages over the layers that carry
+load (dense layers, all-zero in recorded files, would otherwise pull every average to 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eplb.errors import EplbError
+from eplb.loads import as_history
+from eplb.placement import Placement
+
+
+def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tensor:
+    """``[L]``: a lower bound on the max GPU load any placement can reach.
+
+    ``max(total / G, min over replica counts c (sum c = P, c >= 1) of max_e load_e / c_e)``.
+    The second term is found exactly by bisection on the threshold ``t``: the fewest replicas
+    that keep every replica at or under ``t`` are ``max(1, ceil(load_e / t))``.
+
+    Args:
+        load: ``[L, E]`` (or ``[T, L, E]``, summed over ``T``) non-negative loads.
+        num_gpus: ``G``.
+        num_slots: ``P >= E``.
+    """
+    load = _as_layer_load(load)
+    if num_gpus < 1 or num_slots < load.shape[1]:
+        raise EplbError(
+            f"lower_bound needs num_gpus >= 1 and num_slots >= {load.shape[1]} (one per expert), "
+            f"got {num_gpus} and {num_slots}; pass the cluster's GPU and slot counts"
+        )
+    lo = torch.zeros(load.shape[0], 1, dtype=torch.float64)
+    hi = load.max(dim=1, keepdim=True).values
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        feasible = _replicas_needed(load, mid) <= num_slots
+        hi = torch.where(feasible, mid, hi)
+        lo = torch.where(feasible, lo, mid)
+    counts = _replicas_needed_per_expert(load, hi)
+    replica_bound = (load / counts).max(dim=1).values
+    return torch.maximum(replica_bound, load.sum(1) / num_gpus)
+
+
+def _replicas_needed_per_expert(load: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    safe_t = torch.where(t > 0, t, 1.0)
+    need = torch.ceil(load / safe_t).clamp(min=1)
+    return torch.where(t > 0, need, 1.0)
+
+
+def _replicas_needed(load: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _replicas_needed_per_expert(load, t).sum(1, keepdim=True)
+
+
+def duplicates(placement: Placement) -> torch.Tensor:
+    """``[L]`` int64: replicas that share a GPU with another replica of the same expert.
+
+    Such a replica wastes a slot: it adds no capacity the first one did not have.
+    """
+    local = placement.phy2log.view(placement.num_layers, placement.num_gpus, placement.slots_per_gpu)
+    ordered = local.sort(dim=-1).values
+    repeat = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    return repeat.sum(dim=(1, 2))
+
+
+@dataclass(frozen=True)
+class BalanceReport:
+    """Per-layer balance of a placement under a load; every field is a ``[L]`` tensor.
+
+    - ``balancedness``: mean / max GPU load (SGLang's and vLLM's metric; 1 is perfect);
+    - ``imbalance``: (max - mean) / mean (TensorRT-LLM's; 0 is perfect);
+    - ``max_load`` / ``mean_load``: GPU loads;
+    - ``lower_bound``: see :func:`lower_bound`; ``gap``: max_load / lower_bound - 1;
+    - ``duplicates``: see :func:`duplicates`;
+    - ``loaded``: which layers carry load (dense layers do not).
+    """
+
+    balancedness: torch.Tensor
+    imbalance: torch.Tensor
+    max_load: torch.Tensor
+    mean_load: torch.Tensor
+    lower_bound: torch.Tensor
+    gap: torch.Tensor
+    duplicates: torch.Tensor
+    loaded: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Means over loaded layers, plus the worst layer's max/mean and the total duplicates."""
+        sel = self.loaded if bool(self.loaded.any()) else torch.ones_like(self.loaded)
+        max_over_mean = 1.0 / self.balancedness[sel]
+        return {
+            "balancedness": float(self.balancedness[sel].mean()),
+            "max_over_mean": float(max_over_mean.mean()),
+            "worst_max_over_mean": float(max_over_mean.max()),
+            "imbalance": float(self.imbalance[sel].mean()),
+            "gap": float(self.gap[sel].mean()),
+            "max_gap": float(self.gap[sel].max()),
+            "duplicates": int(self.duplicates.sum()),
+        }
+
+
+def evaluate(placement: Placement, load: torch.Tensor) -> BalanceReport:
+    """Score ``placement`` on ``load`` (``[L, E]``, or ``[T, L, E]`` summed over ``T``)."""
+    load = _as_layer_load(load)
+    gpu = placement.gpu_load(load)
+    max_load = gpu.max(dim=1).values
+    mean_load = gpu.mean(dim=1)
+    loaded = max_load > 0
+    bound = lower_bound(load, placement.num_gpus, placement.num_slots)
+    return BalanceReport(
+        balancedness=_ratio(mean_load, max_load, loaded, empty=1.0),
+        imbalance=_ratio(max_load - mean_load, mean_load, loaded, empty=0.0),
+        max_load=max_load,
+        mean_load=mean_load,
+        lower_bound=bound,
+        gap=_ratio(max_load, bound, loaded, empty=1.0) - 1.0,
+        duplicates=duplicates(placement),
+        loaded=loaded,
+    )
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, loaded: torch.Tensor, empty: float) -> torch.Tensor:
+    """``num / den`` on loaded layers, ``empty`` on layers without load."""
+    return torch.where(loaded, num / torch.where(loaded, den, 1.0), empty)
+
+
+def _as_layer_load(load: torch.Tensor) -> torch.Tensor:
+    return as_history(load).sum(0)

@@ -1,0 +1,124 @@
+"""``eplb.plan``: validate, pick an algorithm, run it, wrap the result in a ``Placement``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import torch
+
+from eplb import algorithms
+from eplb.algorithms.base import Algorithm, PlanSpec
+from eplb.errors import EplbError
+from eplb.loads import as_history, dense_layers
+from eplb.metrics import evaluate
+from eplb.placement import Placement
+
+
+def plan(
+    load: Any,
+    *,
+    num_gpus: int,
+    num_slots: int,
+    num_nodes: int = 1,
+    num_groups: Optional[int] = None,
+    algorithm: str = "auto",
+) -> Placement:
+    """Plan replication and placement of experts.
+
+    Args:
+        load: ``[L, E]`` expert loads (tokens routed to each logical expert) or a history
+            ``[T, L, E]`` (recorder windows, oldest first). Layers without any load (dense layers)
+            are planned as if every expert had the same load, and keep their row.
+        num_gpus: ``G``, GPUs of the expert-parallel group.
+        num_slots: ``P``, physical slots over all GPUs; a multiple of ``G`` and ``>= E``.
+        num_nodes: ``N``, nodes; a divisor of ``G``.
+        num_groups: the router's expert groups (needed by the hierarchical policies).
+        algorithm: a name from ``eplb.algorithms.names()``, or ``"auto"``: every candidate that
+            supports the spec is run and the one with the lowest mean max/mean GPU load on ``load``
+            wins (ties go to the earlier candidate in ``eplb.algorithms.AUTO_ORDER``).
+
+    Returns:
+        A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
+    """
+    history = as_history(load)
+    spec = PlanSpec(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
+    num_experts = history.shape[-1]
+    check_spec(spec, num_experts)
+    history = _fill_dense_layers(history)
+    if algorithm == "auto":
+        return _plan_auto(history, spec)
+    algo = algorithms.get(algorithm)
+    algo.check(spec, num_experts)
+    return _run(algo, history, spec)
+
+
+def check_spec(spec: PlanSpec, num_experts: int) -> None:
+    """The checks every algorithm shares; each error names the fix."""
+    for name in ("num_gpus", "num_slots", "num_nodes"):
+        value = getattr(spec, name)
+        if not _is_count(value):
+            raise EplbError(f"{name} must be a positive integer, got {value!r}")
+    if spec.num_slots % spec.num_gpus != 0:
+        raise EplbError(
+            f"{spec.num_slots} slots cannot be split evenly over {spec.num_gpus} GPUs; "
+            f"use a multiple of {spec.num_gpus}, e.g. {_round_up(max(spec.num_slots, num_experts), spec.num_gpus)}"
+        )
+    if spec.num_slots < num_experts:
+        raise EplbError(
+            f"{spec.num_slots} slots cannot hold {num_experts} experts; "
+            f"use at least {_round_up(num_experts, spec.num_gpus)} slots"
+        )
+    if spec.num_gpus % spec.num_nodes != 0:
+        raise EplbError(
+            f"{spec.num_gpus} GPUs cannot be split evenly over {spec.num_nodes} nodes; "
+            "use a GPU count that is a multiple of the node count"
+        )
+    if spec.num_groups is not None:
+        if not _is_count(spec.num_groups):
+            raise EplbError(f"num_groups must be a positive integer or None, got {spec.num_groups!r}")
+        if num_experts % spec.num_groups != 0:
+            raise EplbError(
+                f"{num_experts} experts cannot be split into {spec.num_groups} equal groups; "
+                "pass the router's real group count (it divides the expert count)"
+            )
+
+
+def _is_count(value: Any) -> bool:
+    # numpy and torch integers are counts; bool is not (True would silently mean 1).
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _fill_dense_layers(history: torch.Tensor) -> torch.Tensor:
+    dense = dense_layers(history)
+    if not dense.any():
+        return history
+    # With no load recorded every expert is equally likely: plan for a uniform load.
+    return torch.where(dense[None, :, None], 1.0, history)
+
+
+def _run(algo: Algorithm, history: torch.Tensor, spec: PlanSpec) -> Placement:
+    phy2log = algo.fn(history, spec)
+    return Placement(phy2log, num_experts=history.shape[-1], num_gpus=spec.num_gpus,
+                     num_nodes=spec.num_nodes, algorithm=algo.name)
+
+
+def _plan_auto(history: torch.Tensor, spec: PlanSpec) -> Placement:
+    best: Optional[Placement] = None
+    best_score = float("inf")
+    for name in algorithms.AUTO_ORDER:
+        algo = algorithms.get(name)
+        try:
+            algo.check(spec, history.shape[-1])
+        except EplbError:
+            continue
+        candidate = _run(algo, history, spec)
+        score = evaluate(candidate, history).summary()["max_over_mean"]
+        if score < best_score:
+            best, best_score = candidate, score
+    assert best is not None, "the global deepseek policy supports every valid spec"
+    return best

@@ -1,0 +1,88 @@
+"""The eplb command: plan, compare, export, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eplb.cli import run
+
+
+def _write_stats(tmp_path, load: torch.Tensor, name: str = "stats.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps({"logical_count": load.tolist()}))
+    return str(path)
+
+
+@pytest.fixture
+def stats(tmp_path) -> str:
+    g = torch.Generator().manual_seed(0)
+    load = torch.rand(4, 16, generator=g) ** 4 * 1000
+    load[0] = 0  # a dense layer
+    return _write_stats(tmp_path, load)
+
+
+def test_plan_example_runs(capsys):
+    assert run(["plan", "--no-layers"]) == 0
+    text = capsys.readouterr().out
+    assert "bundled example" in text and "max/mean GPU load" in text
+    assert "dense layers" in text  # the example's layers 0-2 are dense
+
+
+def test_plan_prints_every_layer_and_exports(stats, tmp_path, capsys):
+    target = tmp_path / "init.json"
+    code = run(["plan", stats, "--gpus", "4", "--slots", "20", "-a", "deepseek", "-o", str(target), "-f", "sglang"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "dense" in text and "per layer" in text
+    data = json.loads(target.read_text())
+    assert list(data) == ["physical_to_logical_map"]
+    assert torch.tensor(data["physical_to_logical_map"]).shape == (4, 20)
+
+
+def test_compare_with_eval_lists_every_algorithm(stats, tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    other = _write_stats(tmp_path, torch.rand(4, 16, generator=g) * 10, "other.json")
+    code = run(["compare", stats, "--gpus", "4", "--slots", "16", "--eval", other])
+    assert code == 0
+    text = capsys.readouterr().out
+    for name in ("deepseek", "linear", "round_robin", "held-out"):
+        assert name in text
+
+
+def test_compare_rejects_mismatched_eval(stats, tmp_path, capsys):
+    other = _write_stats(tmp_path, torch.ones(3, 16), "other.json")
+    assert run(["compare", stats, "--gpus", "4", "--slots", "16", "--eval", other]) == 2
+    assert "same model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["plan", "STATS", "--gpus", "3", "--slots", "20"], "multiple of 3"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "8"], "cannot hold 16 experts"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "-a", "nope"], "choose one of"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "--nodes", "3"], "multiple of the node count"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "-a", "deepseek_hierarchical"], "num_groups"),
+        (["plan", "STATS"], "--gpus and --slots"),
+        (["plan", "missing.json", "--gpus", "4", "--slots", "16"], "missing.json"),
+        (["plan", "--bogus"], "bogus"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(stats, capsys, argv, needle):
+    argv = [stats if a == "STATS" else a for a in argv]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_exit_code(stats):
+    proc = subprocess.run([sys.executable, "-m", "eplb", "plan", stats, "--gpus", "3", "--slots", "20"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("eplb: error:") and "Traceback" not in proc.stderr

@@ -175,6 +175,7 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
     for col in columns:
         table.add_column(col, justify="right" if col != "algorithm" else "left")
 
+    skipped: list[str] = []
     with Progress(console=_console(stderr=True), transient=True) as progress:
         task = progress.add_task("planning", total=len(chosen))
         for name in chosen:
@@ -182,7 +183,8 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
             try:
                 placement, seconds = _timed(lambda: _plan(req, name))
             except EplbError as exc:
-                table.add_row(name, f"[dim]n/a: {exc}[/]", *[""] * (len(columns) - 2))
+                skipped.append(f"{name}: {exc}")
+                table.add_row(name, "n/a", *[""] * (len(columns) - 2))
                 progress.advance(task)
                 continue
             s = evaluate(placement, req.stats.load).summary()
@@ -193,8 +195,11 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
                 cells[3:3] = [_fmt(h["max_over_mean"]), _fmt(h["worst_max_over_mean"])]
             table.add_row(*cells)
             progress.advance(task)
-    _console().print(table)
-    _console().print("max/mean: max GPU load over mean GPU load, averaged over MoE layers (1.0 is perfect).")
+    console = _console()
+    console.print(table)
+    console.print("max/mean: max GPU load over mean GPU load, averaged over MoE layers (1.0 is perfect).")
+    for line in skipped:
+        console.print(f"n/a {line}", highlight=False, markup=False)
 
 
 def run(argv: Optional[list[str]] = None) -> int:

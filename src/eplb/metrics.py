@@ -34,14 +34,14 @@ def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tens
             f"got {num_gpus} and {num_slots}; pass the cluster's GPU and slot counts"
         )
     lo = torch.zeros(load.shape[0], 1, dtype=torch.float64)
-    hi = load.max(dim=1, keepdim=True).values
+    hi = load.amax(dim=1, keepdim=True)
     for _ in range(64):
         mid = (lo + hi) / 2
         feasible = _replicas_needed(load, mid) <= num_slots
         hi = torch.where(feasible, mid, hi)
         lo = torch.where(feasible, lo, mid)
     counts = _replicas_needed_per_expert(load, hi)
-    replica_bound = (load / counts).max(dim=1).values
+    replica_bound = (load / counts).amax(dim=1)
     return torch.maximum(replica_bound, load.sum(1) / num_gpus)
 
 
@@ -106,7 +106,7 @@ def evaluate(placement: Placement, load: torch.Tensor) -> BalanceReport:
     """Score ``placement`` on ``load`` (``[L, E]``, or ``[T, L, E]`` summed over ``T``)."""
     load = _as_layer_load(load)
     gpu = placement.gpu_load(load)
-    max_load = gpu.max(dim=1).values
+    max_load = gpu.amax(dim=1)
     mean_load = gpu.mean(dim=1)
     loaded = max_load > 0
     bound = lower_bound(load, placement.num_gpus, placement.num_slots)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from eplb import algorithms
+from eplb.algorithms import migration
 from eplb.algorithms.base import Algorithm, PlanSpec
 from eplb.errors import EplbError
 from eplb.loads import as_history, dense_layers
@@ -23,6 +24,8 @@ def plan(
     num_nodes: int = 1,
     num_groups: Optional[int] = None,
     algorithm: str = "auto",
+    current: Optional[Placement] = None,
+    max_moves: Optional[int] = None,
 ) -> Placement:
     """Plan replication and placement of experts.
 
@@ -37,6 +40,14 @@ def plan(
         algorithm: a name from ``eplb.algorithms.names()``, or ``"auto"``: every candidate that
             supports the spec is run and the one with the lowest mean max/mean GPU load on ``load``
             wins (ties go to the earlier candidate in ``eplb.algorithms.AUTO_ORDER``).
+        current: the placement now serving (same layers, experts, slots, GPUs and nodes). The
+            planned placement is re-labelled (GPUs within nodes, slots within GPUs: balance is
+            unchanged) to keep as many slots as possible holding the same expert. Layers without
+            load keep their current row.
+        max_moves: with ``current``, the most slots per layer whose expert may change (each
+            copies one expert's weights): the result is the most balanced placement found within
+            that budget, never worse than ``current`` on ``load``; ``0`` returns ``current``.
+            None: no bound. See ``eplb.algorithms.migration.migration_cost`` to count moves.
 
     Returns:
         A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
@@ -45,12 +56,19 @@ def plan(
     spec = PlanSpec(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
     num_experts = history.shape[-1]
     check_spec(spec, num_experts)
-    history = _fill_dense_layers(history)
+    if current is not None:
+        migration.check_current(current, spec, num_layers=history.shape[1], num_experts=num_experts)
+    max_moves = migration.check_max_moves(max_moves, current)
+    filled = _fill_dense_layers(history)
     if algorithm == "auto":
-        return _plan_auto(history, spec)
-    algo = algorithms.get(algorithm)
-    algo.check(spec, num_experts)
-    return _run(algo, history, spec)
+        target = _plan_auto(filled, spec)
+    else:
+        algo = algorithms.get(algorithm)
+        algo.check(spec, num_experts)
+        target = _run(algo, filled, spec)
+    if current is None:
+        return target
+    return migration.migrate(current, target, history, max_moves)
 
 
 def check_spec(spec: PlanSpec, num_experts: int) -> None:

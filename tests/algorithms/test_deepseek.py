@@ -118,7 +118,8 @@ def random_case(seed: int, *, zero_layers: bool = False, any_groups: bool = Fals
 
     Weights are small integers (many ties and zeros), heavy-tailed floats, floats with many
     zeros, large integers, or near-multiples of one large base (so that loads per replica nearly
-    tie, and only float32 rounding tells them apart, as in the reference); with ``any_groups`` the group count need not be a multiple of the node count.
+    tie, and only float32 rounding tells them apart, as in the reference). With ``any_groups``
+    the group count need not be a multiple of the node count.
     """
     rng = np.random.default_rng(seed)
     num_layers = int(rng.integers(1, 9))

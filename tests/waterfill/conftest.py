@@ -1,41 +1,21 @@
-"""Random top-k outputs for the waterfill tests."""
+"""Fixtures of the waterfill tests."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from waterfill_inputs import random_topk  # noqa: E402
+
 TopkFactory = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def random_topk(
-    num_tokens: int,
-    k: int,
-    num_slots: int,
-    *,
-    seed: int = 0,
-    skew: float = 0.0,
-    padded: int = 0,
-    dtype: torch.dtype = torch.int64,
-    weight_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids [M, K]`` (distinct slots per token, drawn with a bias toward low slots when ``skew`` > 0,
-    so low ranks are hot) and ``weights [M, K]``; the last ``padded`` tokens are all padding and one
-    token has half its entries padded."""
-    gen = torch.Generator().manual_seed(seed)
-    bias = -skew * torch.linspace(0, 1, num_slots, dtype=torch.float64)
-    keys = torch.rand(num_tokens, num_slots, generator=gen, dtype=torch.float64).log() / bias.exp()
-    ids = keys.topk(k, dim=1).indices
-    weights = torch.rand(num_tokens, k, generator=gen).to(weight_dtype)
-    if padded:
-        ids[num_tokens - padded :] = -1
-    if num_tokens > padded:
-        ids[0, : k // 2] = -1
-    return ids.to(dtype), weights
 
 
 @pytest.fixture
 def make_topk() -> TopkFactory:
+    """``random_topk``: seeded random top-k ids and weights (see ``waterfill_inputs``)."""
     return random_topk

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from eplb.algorithms import deepseek, deepseek_vec, static
+from eplb.algorithms import deepseek, deepseek_vec, engine, static
 from eplb.algorithms.base import Algorithm, PlanSpec
 from eplb.errors import EplbError
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
+        engine.ENGINE,
         deepseek.GLOBAL,
         deepseek.HIERARCHICAL,
         deepseek_vec.GLOBAL,
@@ -19,7 +20,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 # The candidates of algorithm="auto", in tie-breaking order.
-AUTO_ORDER: tuple[str, ...] = ("deepseek", "deepseek_hierarchical")
+AUTO_ORDER: tuple[str, ...] = ("eplb", "deepseek", "deepseek_hierarchical")
 
 
 def names() -> list[str]:

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from eplb.algorithms import deepseek
 from eplb.algorithms.base import Algorithm, PlanSpec
 from eplb.errors import EplbError
 
@@ -61,7 +62,7 @@ class EngineConfig:
 
     risk: float = 1.0
     half_life: float = 8.0
-    locality: float = 0.5
+    locality: float = 0.25
 
     def __post_init__(self) -> None:
         if not _is_number(self.risk) or not math.isfinite(self.risk) or self.risk < 0:
@@ -113,7 +114,9 @@ def load_profile(load: torch.Tensor, half_life: float) -> tuple[torch.Tensor, to
     scale = (weight / (1 - w2).clamp(min=1e-12)).sqrt() * (w2 < 1 - 1e-12)  # [T, L]
     centred = (scale.unsqueeze(-1) * (share - mean)).transpose(0, 1)  # [L, T, E]
     _, sing, vh = torch.linalg.svd(centred, full_matrices=False)
-    rank = min(_MAX_RANK, sing.shape[-1])
+    # Directions at float-noise level are no shift (identical windows give exactly none).
+    sing = torch.where(sing > 1e-12, sing, 0.0)
+    rank = min(_MAX_RANK, int((sing > 0).sum(-1).max()))
     spread = (sing[:, :rank].unsqueeze(-1) * vh[:, :rank]).transpose(1, 2)  # [L, E, K]
     return mean, spread.contiguous()
 
@@ -158,7 +161,8 @@ def forced_duplicates(num_experts: int, spec: PlanSpec) -> int:
     """Replicas per layer that must share a GPU with another replica of their expert.
 
     A GPU with ``S = P / G`` slots holds at most ``E`` distinct experts, so ``S > E`` forces
-    ``S - E`` duplicates on every GPU; otherwise the engine places none.
+    ``S - E`` duplicates on every GPU (the engine may then place a few more, allowing up to
+    ``ceil(S / E)`` replicas of an expert per GPU); otherwise the engine places none.
     """
     return spec.num_gpus * max(0, spec.slots_per_gpu - num_experts)
 
@@ -185,6 +189,9 @@ class _Bins:
     slots_per_bin: int
     limit: int
     risk: float
+    # With nodes: [B, G*S] bool, replicas that must stay on their node, and bins per node.
+    fixed: Optional[torch.Tensor] = None
+    bins_per_node: int = 1
 
     @property
     def num_bins(self) -> int:
@@ -198,8 +205,11 @@ class _Bins:
 
 
 def _deal(expert: torch.Tensor, mu: torch.Tensor, dev: torch.Tensor, num_bins: int, num_experts: int,
-          limit: int, risk: float) -> _Bins:
+          limit: int, risk: float, fixed: Optional[torch.Tensor] = None) -> _Bins:
     """Deal ``[B, K]`` replicas to ``num_bins`` bins of ``K / num_bins`` slots each.
+
+    ``fixed`` (``[B, K]`` bool, optional) travels with the replicas (see ``_Bins.fixed``); all
+    bins of a row are then taken to be on one node.
 
     Replicas go in rounds of one per bin, the heaviest remaining to the lightest bin, so bins
     fill evenly (the cardinality-constrained form of LPT). A round never gives a bin two
@@ -217,11 +227,14 @@ def _deal(expert: torch.Tensor, mu: torch.Tensor, dev: torch.Tensor, num_bins: i
         bin_dev=torch.zeros(batch, num_bins, rank, dtype=torch.float64),
         held=torch.zeros(batch, num_bins, num_experts, dtype=torch.int64),
         slots_per_bin=slots, limit=limit, risk=risk,
+        fixed=None if fixed is None else torch.empty_like(fixed), bins_per_node=num_bins,
     )
     # Stable: the replicas of one expert stay together, so at most one expert straddles rounds.
     order = torch.sort(mu + risk * dev.norm(dim=-1), dim=1, descending=True, stable=True).indices
     expert, mu = expert.gather(1, order), mu.gather(1, order)
     dev = dev.gather(1, order.unsqueeze(-1).expand(-1, -1, rank))
+    if fixed is not None:
+        fixed = fixed.gather(1, order)
     base = torch.arange(num_bins) * slots
     all_rows = torch.arange(batch)
     for r in range(slots):
@@ -230,6 +243,8 @@ def _deal(expert: torch.Tensor, mu: torch.Tensor, dev: torch.Tensor, num_bins: i
         slot = base[lightest] + r
         bins.expert.scatter_(1, slot, expert[:, cut])
         bins.mu.scatter_(1, slot, mu[:, cut])
+        if fixed is not None:
+            bins.fixed.scatter_(1, slot, fixed[:, cut])
         bins.dev.scatter_(1, slot.unsqueeze(-1).expand(-1, -1, rank), dev[:, cut])
         bins.bin_mu.scatter_add_(1, lightest, mu[:, cut])
         bins.bin_dev.scatter_add_(1, lightest.unsqueeze(-1).expand(-1, -1, rank), dev[:, cut])
@@ -272,6 +287,11 @@ def _pair_costs(bins: _Bins, rows: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     stuck_a = held.index_select(0, into_b.flatten()).view_as(e_a) >= bins.limit
     stuck_b = held.index_select(0, into_a.flatten()).view_as(e_b) >= bins.limit
     stuck_a |= (a == b).repeat_interleave(s, dim=1)
+    if bins.fixed is not None:
+        cross = (a // bins.bins_per_node != b // bins.bins_per_node).repeat_interleave(s, dim=1)
+        fixed = bins.fixed[rows]
+        stuck_a |= cross & fixed.gather(1, slot_a)
+        stuck_b |= cross & fixed.gather(1, slot_b)
     if movable is not None:
         stuck_a |= ~movable.flatten(1)
     # A forbidden swap gets gain +inf (a source load of -inf or a target load of +inf): bin a
@@ -353,7 +373,7 @@ def _swap(bins: _Bins, rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> 
     e_i, e_j = bins.expert.view(-1)[flat_i], bins.expert.view(-1)[flat_j]
     mu, dev = bins.mu.view(-1), bins.dev.flatten(0, 1)
     d_mu, d_dev = mu[flat_j] - mu[flat_i], dev[flat_j] - dev[flat_i]  # what bin i // s gains
-    for t in (bins.expert.view(-1), mu, dev):
+    for t in (bins.expert.view(-1), mu, dev) + (() if bins.fixed is None else (bins.fixed.view(-1),)):
         t[both] = t[flipped]
     ends = torch.cat([rows * num_bins + i // s, rows * num_bins + j // s])
     bins.bin_mu.view(-1).index_add_(0, ends, torch.cat([d_mu, -d_mu]))
@@ -476,7 +496,10 @@ def _pins(expert: torch.Tensor, mu: torch.Tensor, home: torch.Tensor, num_nodes:
 
 def _split_nodes(expert: torch.Tensor, mu: torch.Tensor, dev: torch.Tensor, counts: torch.Tensor,
                  home: Optional[torch.Tensor], spec: PlanSpec, config: EngineConfig):
-    """Deal ``[L, P]`` replicas to nodes: ``[L * N, P / N]`` replicas per (layer, node).
+    """Deal ``[L, P]`` replicas to nodes; returns them (expert, mu, dev, fixed) node by node.
+
+    ``fixed`` marks the replicas that must keep their node: the pinned ones, and those of
+    experts with several replicas (which the dealing spread over distinct nodes).
 
     Pinned replicas go to their home node first; then, heaviest first, every other replica goes
     to the node with the lowest planned load after taking it, among those with a free slot and
@@ -525,10 +548,11 @@ def _split_nodes(expert: torch.Tensor, mu: torch.Tensor, dev: torch.Tensor, coun
     # Slot within the node: rank among the replicas dealt to the same node, in dealing order.
     first = torch.sort(node * num_slots + torch.arange(num_slots), dim=1).indices  # grouped by node
     dest = torch.empty_like(first).scatter_(1, first, torch.arange(num_slots).expand(num_layers, -1).contiguous())
-    expert = torch.empty_like(expert).scatter_(1, dest, expert)
-    mu = torch.empty_like(mu).scatter_(1, dest, mu)
+    # Pinned replicas and those of experts spread over nodes keep their node from now on.
+    fixed = pinned | (counts.gather(1, expert) > 1)
+    expert, mu, fixed = (torch.empty_like(t).scatter_(1, dest, t) for t in (expert, mu, fixed))
     dev = torch.empty_like(dev).scatter_(1, dest.unsqueeze(-1).expand(-1, -1, rank), dev)
-    return expert.view(-1, per_node), mu.view(-1, per_node), dev.view(num_layers * num_nodes, per_node, rank)
+    return expert, mu, dev, fixed
 
 
 # The algorithm --------------------------------------------------------------------------------
@@ -553,16 +577,71 @@ def plan_engine(load: torch.Tensor, spec: PlanSpec, config: EngineConfig = Engin
     sd = spread.norm(dim=-1)
     counts = replica_counts(mean + config.risk * sd, spec.num_slots, limit * spec.num_gpus)
     expert, mu, dev = _replicas(counts, mean, spread)
-    if spec.num_nodes > 1:
-        groups = spec.num_groups
-        home = None
-        if groups is not None and groups % spec.num_nodes == 0 and num_experts % groups == 0:
-            home = group_homes(mean, groups, spec.num_nodes)
-        expert, mu, dev = _split_nodes(expert, mu, dev, counts, home, spec, config)
-    bins = _deal(expert, mu, dev, spec.gpus_per_node, num_experts, limit, config.risk)
-    _repair(bins)
+    if spec.num_nodes == 1:
+        bins = _deal(expert, mu, dev, spec.num_gpus, num_experts, limit, config.risk)
+        _repair(bins)
+        _improve(bins)
+        return _at_least_reference(bins, load, spec, mean, spread)
+    groups = spec.num_groups
+    home = None
+    if groups is not None and groups % spec.num_nodes == 0 and num_experts % groups == 0:
+        home = group_homes(mean, groups, spec.num_nodes)
+    expert, mu, dev, fixed = _split_nodes(expert, mu, dev, counts, home, spec, config)
+    # Pack each node's GPUs, then let free replicas also cross nodes to even out the nodes.
+    per_node = spec.num_slots // spec.num_nodes
+    local = _deal(expert.view(-1, per_node), mu.view(-1, per_node), dev.reshape(num_layers * spec.num_nodes, per_node, -1),
+                  spec.gpus_per_node, num_experts, limit, config.risk, fixed.view(-1, per_node))
+    _repair(local)
+    bins = _Bins(
+        expert=local.expert.view(num_layers, -1), mu=local.mu.view(num_layers, -1),
+        dev=local.dev.reshape(num_layers, spec.num_slots, -1),
+        bin_mu=local.bin_mu.view(num_layers, -1), bin_dev=local.bin_dev.reshape(num_layers, spec.num_gpus, -1),
+        held=local.held.view(num_layers, spec.num_gpus, -1), slots_per_bin=spec.slots_per_gpu,
+        limit=limit, risk=local.risk, fixed=local.fixed.view(num_layers, -1),
+        bins_per_node=spec.gpus_per_node,
+    )
     _improve(bins)
-    return bins.expert.reshape(num_layers, spec.num_slots)
+    return bins.expert
+
+
+def _at_least_reference(bins: _Bins, load: torch.Tensor, spec: PlanSpec, mean: torch.Tensor,
+                        spread: torch.Tensor) -> torch.Tensor:
+    """``bins.expert``, except on layers where DeepSeek's greedy plans a lower peak.
+
+    Swaps from one start can stall above what LPT finds on small cases, so the reference plan,
+    freed of its duplicates and improved by the same search, is kept where it is better.
+    """
+    ref = deepseek.GLOBAL.fn(load, spec)
+    counts = torch.zeros_like(mean, dtype=torch.int64).scatter_add_(1, ref, torch.ones_like(ref))
+    expert, mu, dev = ref, *(_replicas_at(ref, counts, mean, spread))
+    s, num_experts = spec.slots_per_gpu, mean.shape[1]
+    ours = bins.load(torch.arange(len(ref))).max(1).values
+    rival = _Bins(expert, mu, dev, mu.view(len(ref), spec.num_gpus, s).sum(-1),
+                  dev.view(len(ref), spec.num_gpus, s, -1).sum(2), bins.held.new_zeros(bins.held.shape),
+                  s, bins.limit, bins.risk)
+    if bins.risk == 0:
+        rival.dev, rival.bin_dev = rival.dev[..., :0], rival.bin_dev[..., :0]
+    theirs = rival.load(torch.arange(len(ref))).max(1).values
+    rows = (theirs < ours * (1 - _EPS)).nonzero().squeeze(1)
+    if len(rows) == 0:
+        return bins.expert
+    rival = _Bins(rival.expert[rows].clone(), rival.mu[rows].clone(), rival.dev[rows].clone(),
+                  rival.bin_mu[rows].clone(), rival.bin_dev[rows].clone(), rival.held[rows], s, bins.limit, bins.risk)
+    flat = (torch.arange(ref.shape[1]) // s) * num_experts + rival.expert
+    rival.held.view(len(rows), -1).scatter_add_(1, flat, torch.ones_like(flat))
+    _repair(rival)
+    _improve(rival)
+    better = rival.load(torch.arange(len(rows))).max(1).values < ours[rows]
+    out = bins.expert.clone()
+    out[rows[better]] = rival.expert[better]
+    return out
+
+
+def _replicas_at(phy2log: torch.Tensor, counts: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor):
+    """Mean load and shift of the replica in each slot of ``phy2log`` (``counts`` replicas each)."""
+    c = counts.gather(1, phy2log).to(torch.float64)
+    dev = spread.gather(1, phy2log.unsqueeze(-1).expand(-1, -1, spread.shape[-1])) / c.unsqueeze(-1)
+    return mean.gather(1, phy2log) / c, dev
 
 
 def _replicas(counts: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor):

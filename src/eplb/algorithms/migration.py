@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from eplb.placement import EMPTY_SLOT, Placement
 
 # Candidate replacement experts tried per slot of the hottest GPU (the lightest after one more replica).
 _LIGHT_CANDIDATES = 4
+# Partner GPUs tried for a swap with the hottest GPU (the coolest ones).
+_SWAP_PARTNERS = 8
 # Relative tolerance under which a load change counts as no change (float rounding).
 _RTOL = 1e-12
 
@@ -355,54 +357,49 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
     Returns:
         ``[L, P]`` phy2log, empty slots as id ``E``.
     """
-    num_layers, num_slots = row.shape
-    width = weight.shape[1]  # E + 1
-    per_gpu = num_slots // num_gpus
-    layers = torch.arange(num_layers)
-    slot_gpu = torch.arange(num_slots) // per_gpu
-    local = torch.arange(per_gpu)
-    origin = row
-    best = row
-    used = torch.zeros(num_layers, dtype=torch.int64)
-    active = torch.ones(num_layers, dtype=torch.bool)
+    origin, best = row, row
+    used = torch.zeros(row.shape[0], dtype=torch.int64)
+    live = torch.arange(row.shape[0])  # layers still on the greedy path
     # Re-changing a slot already changed is free, so steps can outnumber moves; bound them anyway.
-    for _ in range(2 * min(max_moves, num_slots)):
-        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.float64)
-        held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
-        count = held.sum(-1)
-        per_replica = weight / count.clamp(min=1)
-        gpu = _gpu_loads(row, per_replica, num_gpus)
-        top, hot = gpu.max(1)
-        squares = (gpu**2).sum(1)
-        hot_slots = hot[:, None] * per_gpu + local  # [L, S]
-        # An expert may give up a slot if it keeps another replica; an empty slot always may.
-        spare = (count >= 2) | (torch.arange(width) == width - 1)
-
-        singles = _single_candidates(row, weight, held, count, per_replica, spare, hot, hot_slots)
-        swaps = _swap_candidates(row, held, per_replica, gpu, hot, hot_slots, slot_gpu) if num_gpus > 1 else None
-        cands = [c for c in (singles, swaps) if c is not None]
-        slot_a, value_a, slot_b, value_b, new_max, new_squares, valid = (torch.cat(x, 1) for x in zip(*cands))
-
-        cost = _cost(origin, row, slot_a, value_a) + _cost(origin, row, slot_b, value_b) * (slot_b != slot_a)
-        valid &= used[:, None] + cost <= max_moves
+    for _ in range(2 * min(max_moves, row.shape[1])):
+        state = _State.of(row[live], weight[live], num_gpus)
+        moves = _candidates(state)
+        cost = _cost(origin[live], state.row, moves.slot_a, moves.value_a)
+        cost += _cost(origin[live], state.row, moves.slot_b, moves.value_b) * (moves.slot_b != moves.slot_a)
         per_move = cost.clamp(min=1).to(torch.float64)
-        lower_max = valid & (new_max < top[:, None] * (1 - _RTOL))
-        flatter = valid & (new_max <= top[:, None]) & (new_squares < squares[:, None] * (1 - _RTOL))
-        by_max = torch.where(lower_max, (top[:, None] - new_max) / per_move, -torch.inf).argmax(1)
-        by_squares = torch.where(flatter, (squares[:, None] - new_squares) / per_move, -torch.inf).argmax(1)
+        top, squares = state.top[:, None], state.squares[:, None]
+        lower_max = moves.valid & (moves.new_max < top * (1 - _RTOL))
+        flatter = moves.valid & (moves.new_max <= top) & (moves.new_squares < squares * (1 - _RTOL))
+        gain = torch.where(lower_max, (top - moves.new_max) / per_move, -torch.inf)
+        # Free moves (re-changing a changed slot) come first, so that the path takes them before
+        # paying for the next move, whatever the budget.
+        free = lower_max & (cost <= 0)
+        by_max = torch.where(free.any(1), torch.where(free, gain, -torch.inf).argmax(1), gain.argmax(1))
         improves = lower_max.any(1)
-        step = active & (improves | flatter.any(1))
-        if not bool(step.any()):
-            break
-        pick = torch.where(improves, by_max, by_squares)[:, None]
+        pick = torch.where(
+            improves, by_max,
+            torch.where(flatter, (squares - moves.new_squares) / per_move, -torch.inf).argmax(1),
+        )
+        # The path ignores the budget, so a larger budget follows the same path further and
+        # never ends worse. Where the path's next move does not fit, the best max-lowering
+        # move that fits is one last step off the path.
+        fits = used[live, None] + cost <= max_moves
+        on_path = (improves | flatter.any(1)) & fits.gather(1, pick[:, None]).squeeze(1)
+        last_fit = lower_max & fits
+        off_path = ~on_path & last_fit.any(1)
+        pick = torch.where(on_path, pick, torch.where(last_fit, gain, -torch.inf).argmax(1))
+        step = on_path | off_path
+        lowered = (on_path & improves) | off_path
+        pick = pick[step, None]
         row = row.clone()
-        for slots, values in ((slot_a, value_a), (slot_b, value_b)):
-            s = slots.gather(1, pick).squeeze(1)
-            v = torch.where(step, values.gather(1, pick).squeeze(1), row[layers, s])
-            row[layers, s] = v
-        used = used + torch.where(step, cost.gather(1, pick).squeeze(1), 0)
-        best = torch.where((step & improves)[:, None], row, best)
-        active = step
+        for slots, values in ((moves.slot_a, moves.value_a), (moves.slot_b, moves.value_b)):
+            row[live[step], slots[step].gather(1, pick).squeeze(1)] = values[step].gather(1, pick).squeeze(1)
+        used[live[step]] += cost[step].gather(1, pick).squeeze(1)
+        best = best.clone()
+        best[live[lowered]] = row[live[lowered]]
+        live = live[on_path]
+        if live.numel() == 0:
+            break
     return best
 
 
@@ -412,104 +409,171 @@ def _cost(origin: torch.Tensor, row: torch.Tensor, slots: torch.Tensor, values: 
     return (values != was).to(torch.int64) - (row.gather(1, slots) != was).to(torch.int64)
 
 
-def _single_candidates(row, weight, held, count, per_replica, spare, hot, hot_slots):
-    """Replicate and replace candidates: one slot takes another expert.
+class _State(NamedTuple):
+    """What a greedy step needs to know about a batch of layers (shapes for ``L`` layers)."""
 
-    Returns ``(slot, value, slot, value, new_max, new_squares, valid)``, each ``[L, C]`` (the
-    slot is repeated so that single moves and swaps share one layout).
-    """
-    width = weight.shape[1]
+    row: torch.Tensor  # [L, P] phy2log, empty slots as id E
+    weight: torch.Tensor  # [L, E + 1] expert loads
+    held: torch.Tensor  # [L, E + 1, G] float64 replicas of each expert on each GPU
+    count: torch.Tensor  # [L, E + 1] replicas of each expert
+    per_replica: torch.Tensor  # [L, E + 1] load of each replica
+    spare: torch.Tensor  # [L, E + 1] experts that may give up a slot (another replica remains; or empty)
+    gpu: torch.Tensor  # [L, G] GPU loads
+    top: torch.Tensor  # [L] max GPU load
+    squares: torch.Tensor  # [L] sum of squared GPU loads
+    hot: torch.Tensor  # [L] the hottest GPU
+    hot_slots: torch.Tensor  # [L, S] its slots
+
+    @classmethod
+    def of(cls, row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> "_State":
+        num_layers, num_slots = row.shape
+        width = weight.shape[1]
+        per_gpu = num_slots // num_gpus
+        slot_gpu = torch.arange(num_slots) // per_gpu
+        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.float64)
+        held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
+        count = held.sum(-1)
+        per_replica = weight / count.clamp(min=1)
+        gpu = _gpu_loads(row, per_replica, num_gpus)
+        top, hot = gpu.max(1)
+        return cls(
+            row=row,
+            weight=weight,
+            held=held,
+            count=count,
+            per_replica=per_replica,
+            spare=(count >= 2) | (torch.arange(width) == width - 1),
+            gpu=gpu,
+            top=top,
+            squares=(gpu**2).sum(1),
+            hot=hot,
+            hot_slots=hot[:, None] * per_gpu + torch.arange(per_gpu),
+        )
+
+
+class _Moves(NamedTuple):
+    """Candidate moves, each ``[L, C]``: slot ``slot_a`` takes ``value_a`` and ``slot_b`` takes
+    ``value_b`` (a single move repeats its slot), with the max and the sum of squared GPU loads after."""
+
+    slot_a: torch.Tensor
+    value_a: torch.Tensor
+    slot_b: torch.Tensor
+    value_b: torch.Tensor
+    new_max: torch.Tensor
+    new_squares: torch.Tensor
+    valid: torch.Tensor
+
+
+def _candidates(state: _State) -> _Moves:
+    """Every replicate, replace and swap move of the hottest GPU (see :func:`_greedy_moves`)."""
+    row, width = state.row, state.weight.shape[1]
     # Replicate: a slot that its expert can spare takes an expert of the hottest GPU.
-    spare_slot = spare.gather(1, row)
+    spare_slot = state.spare.gather(1, row)
     num_spare = int(spare_slot.sum(1).max())
-    spare_first = torch.sort((~spare_slot).to(torch.int8), dim=1, stable=True).indices[:, :num_spare]
+    # Spare slots first, each group in slot order (the keys are distinct, so the order is fixed).
+    order_key = (~spare_slot) * row.shape[1] + torch.arange(row.shape[1])
+    spare_first = order_key.topk(num_spare, dim=1, largest=False).indices
     replicate = _replacements(
-        row, weight, held, count, per_replica, spare,
+        state,
         slot=spare_first[:, None, :],
-        expert=row.gather(1, hot_slots)[:, :, None],
+        expert=row.gather(1, state.hot_slots)[:, :, None],
         allowed=spare_slot.gather(1, spare_first)[:, None, :],
     )
     # Replace: a slot of the hottest GPU takes an expert that is light after one more replica.
-    on_hot = held.gather(2, hot[:, None, None].expand(-1, width, 1)).squeeze(2) > 0
-    lighter = torch.where(on_hot, torch.inf, weight / (count + 1))
+    on_hot = state.held.gather(2, state.hot[:, None, None].expand(-1, width, 1)).squeeze(2) > 0
+    lighter = torch.where(on_hot, torch.inf, state.weight / (state.count + 1))
     lighter[:, -1] = torch.inf  # the empty id is no expert to add
-    light = torch.sort(lighter, dim=1, stable=True)
-    num_light = min(_LIGHT_CANDIDATES, width - 1)
+    light = lighter.topk(min(_LIGHT_CANDIDATES, width - 1), dim=1, largest=False)
     replace = _replacements(
-        row, weight, held, count, per_replica, spare,
-        slot=hot_slots[:, :, None],
-        expert=light.indices[:, None, :num_light],
-        allowed=light.values[:, None, :num_light].isfinite(),
+        state,
+        slot=state.hot_slots[:, :, None],
+        expert=light.indices[:, None, :],
+        allowed=light.values[:, None, :].isfinite(),
     )
-    return tuple(torch.cat(parts, 1) for parts in zip(replicate, replace))
+    parts = [replicate, replace]
+    if state.gpu.shape[1] > 1:
+        parts.append(_swaps(state))
+    return _Moves(*(torch.cat(columns, 1) for columns in zip(*parts)))
 
 
-def _replacements(row, weight, held, count, per_replica, spare, slot, expert, allowed):
+def _replacements(state: _State, slot: torch.Tensor, expert: torch.Tensor, allowed: torch.Tensor) -> _Moves:
     """Every slot of ``slot`` takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``).
 
     ``slot`` varies along one axis and ``expert`` along the other, so the GPU-load terms of each
     are computed once per axis and only their sum is ``[L, X, Y, G]``.
     """
-    num_layers, width, num_gpus = held.shape
-    per_gpu = row.shape[1] // num_gpus
-    layers = torch.arange(num_layers)[:, None, None]
-    old = row[layers, slot]
+    num_layers, width, num_gpus = state.held.shape
+    per_gpu = state.row.shape[1] // num_gpus
+    old = _at(state.row, slot)
     gpu_of = slot // per_gpu
     # No GPU receives a second replica of an expert it holds (this also rules out old == expert).
-    valid = allowed & spare[layers, old] & (expert != width - 1) & (held[layers, expert, gpu_of] == 0)
+    valid = allowed & _at(state.spare, old) & (expert != width - 1)
+    valid &= _at(state.held.flatten(1), expert * num_gpus + gpu_of) == 0
     # GPU loads after the move: the new expert's replicas shrink, the old expert's grow,
     # and the slot's own GPU trades one replica for the other.
-    gain = weight[layers, expert] / (count[layers, expert] + 1)
-    lose = weight[layers, old] / (count[layers, old] - 1).clamp(min=1)
-    gpu = _gpu_loads(row, per_replica, num_gpus)[:, None, None, :]
-    new_side = held[layers, expert] * (gain - per_replica[layers, expert])[..., None]
-    old_side = held[layers, old] * (lose - per_replica[layers, old])[..., None]
-    after = (gpu + new_side) + old_side if new_side.shape[1] > 1 else (gpu + old_side) + new_side
-    after.scatter_add_(3, gpu_of.expand(after.shape[:3])[..., None], (gain - lose).expand(after.shape[:3])[..., None])
+    gain = _at(state.weight, expert) / (_at(state.count, expert) + 1)
+    lose = _at(state.weight, old) / (_at(state.count, old) - 1).clamp(min=1)
+    new_side = _at(state.held, expert) * (gain - _at(state.per_replica, expert))[..., None]
+    old_side = _at(state.held, old) * (lose - _at(state.per_replica, old))[..., None]
+    after = (state.gpu[:, None, None, :] + new_side) + old_side
     shape = after.shape[:3]
+    after.scatter_add_(3, gpu_of.expand(shape)[..., None], (gain - lose).expand(shape)[..., None])
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.expand(shape).reshape(num_layers, -1)
 
-    return flat(slot), flat(expert), flat(slot), flat(expert), flat(after.max(3).values), flat((after**2).sum(3)), flat(valid)
+    squares = torch.linalg.vector_norm(after, dim=3) ** 2
+    return _Moves(flat(slot), flat(expert), flat(slot), flat(expert), flat(after.amax(3)), flat(squares), flat(valid))
 
 
-def _swap_candidates(row, held, per_replica, gpu, hot, hot_slots, slot_gpu):
-    """Swap candidates: a slot ``p`` of the hottest GPU and a slot ``q`` elsewhere trade experts.
+def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[l, index[l, ...]]`` for every layer ``l`` (a ``[L, N]`` or ``[L, N, G]`` table).
 
-    Replica counts do not change, so only the two GPUs' loads do. Returns the same layout as
-    :func:`_single_candidates`.
+    A gather: much cheaper than advanced indexing for the many small lookups of a step.
     """
-    num_layers, width, num_gpus = held.shape
-    num_slots = row.shape[1]
-    per_gpu = hot_slots.shape[1]
-    layers = torch.arange(num_layers)[:, None, None]
-    a = row.gather(1, hot_slots)[:, :, None]  # [L, S, 1]
-    b = row[:, None, :]  # [L, 1, P]
-    to_gpu = slot_gpu[None, None, :]
+    flat = index.reshape(index.shape[0], -1)
+    if table.ndim == 3:
+        flat = flat[..., None].expand(-1, -1, table.shape[2])
+    return table.gather(1, flat).reshape(*index.shape, *table.shape[2:])
+
+
+def _swaps(state: _State) -> _Moves:
+    """A slot ``p`` of the hottest GPU and a slot ``q`` of one of the coolest GPUs trade experts.
+
+    Replica counts do not change, so only the two GPUs' loads do. A swap lowers the max most
+    with a cool partner, so only the ``_SWAP_PARTNERS`` coolest GPUs are tried.
+    """
+    num_layers, width, num_gpus = state.held.shape
+    row, gpu, hot = state.row, state.gpu, state.hot
+    per_gpu = state.hot_slots.shape[1]
+    partners = gpu.topk(min(_SWAP_PARTNERS, num_gpus - 1), dim=1, largest=False).indices  # never the hottest
+    q = (partners[:, :, None] * per_gpu + torch.arange(per_gpu)).reshape(num_layers, 1, -1)  # [L, 1, Q]
+    q_gpu = q // per_gpu
+    hot3 = hot[:, None, None]
+    a = row.gather(1, state.hot_slots)[:, :, None]  # [L, S, 1]
+    b = row.gather(1, q[:, 0])[:, None, :]  # [L, 1, Q]
     empty_id = width - 1
+    held = state.held.flatten(1)
     valid = (
-        (to_gpu != hot[:, None, None])
-        & (a != b)
-        & ((b == empty_id) | (held[layers, b, hot[:, None, None]] == 0))
-        & ((a == empty_id) | (held[layers, a, to_gpu] == 0))
+        (a != b)
+        & ((b == empty_id) | (_at(held, b * num_gpus + hot3) == 0))
+        & ((a == empty_id) | (_at(held, a * num_gpus + q_gpu) == 0))
     )
-    ra, rb = per_replica.gather(1, a.squeeze(2))[:, :, None], per_replica.gather(1, row)[:, None, :]
-    hot_load = gpu.gather(1, hot[:, None])[:, :, None]
-    new_hot = hot_load - ra + rb
-    new_other = gpu[:, None, :].gather(2, to_gpu.expand(num_layers, 1, -1)) + ra - rb
-    # The max over the GPUs the swap leaves alone: the top two besides the hottest suffice.
-    # (A padding column stands in when there are only two GPUs.)
+    ra, rb = _at(state.per_replica, a), _at(state.per_replica, b)
+    hot_load = state.top[:, None, None]
+    other_load = gpu.gather(1, q_gpu[:, 0])[:, None, :]
+    new_hot, new_other = hot_load - ra + rb, other_load + ra - rb
+    # The max over the GPUs the swap leaves alone: the top two besides the hottest suffice
+    # (a padding column stands in when there are only two GPUs).
     others = torch.cat([gpu.scatter(1, hot[:, None], -torch.inf), gpu.new_full((num_layers, 1), -torch.inf)], 1)
     top2 = others.topk(2, dim=1)
-    first, second = top2.values[:, :1], top2.values[:, 1:]
-    rest = torch.where(top2.indices[:, :1] == slot_gpu[None, :], second, first)[:, None, :]
+    rest = torch.where(top2.indices[:, None, :1] == q_gpu, top2.values[:, None, 1:], top2.values[:, None, :1])
     new_max = torch.maximum(rest, torch.maximum(new_hot, new_other))
-    old_other = gpu[:, None, :].gather(2, to_gpu.expand(num_layers, 1, -1))
-    squares = (gpu**2).sum(1)[:, None, None] - hot_load**2 - old_other**2 + new_hot**2 + new_other**2
-    p = hot_slots[:, :, None].expand(-1, -1, num_slots).reshape(num_layers, -1)
-    q = torch.arange(num_slots).expand(num_layers, per_gpu, -1).reshape(num_layers, -1)
-    a_flat = a.expand(-1, -1, num_slots).reshape(num_layers, -1)
-    b_flat = b.expand(-1, per_gpu, -1).reshape(num_layers, -1)
-    flat = lambda t: t.expand(num_layers, per_gpu, num_slots).reshape(num_layers, -1)  # noqa: E731
-    return p, b_flat, q, a_flat, flat(new_max), flat(squares), flat(valid)
+    squares = state.squares[:, None, None] - hot_load**2 - other_load**2 + new_hot**2 + new_other**2
+    shape = (num_layers, per_gpu, q.shape[2])
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(shape).reshape(num_layers, -1)
+
+    p = state.hot_slots[:, :, None]
+    return _Moves(flat(p), flat(b), flat(q), flat(a), flat(new_max), flat(squares), flat(valid))

@@ -9,7 +9,7 @@ sees the new weights.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -32,7 +32,8 @@ class _Dispatch:
         if not isinstance(placement, Placement):
             raise EplbError(f"expected a Placement, got {type(placement).__name__}; build one with eplb.plan(...)")
         self.placement = placement
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # An allocation resolves "cuda" to "cuda:<current>", the device the router's ids report.
+        self.device = torch.empty(0, device=device).device
         self._keys = [layer_key(seed, layer) for layer in range(placement.num_layers)]
 
     def remap(self, layer: int, topk_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -31,7 +31,7 @@ from eplb.loads import as_history
 from eplb.placement import Placement
 
 
-def solve_weights(placement: Placement, load: Any, *, sweeps: int = 16) -> torch.Tensor:
+def solve_weights(placement: Placement, load: Any, *, sweeps: int = 4) -> torch.Tensor:
     """Per-replica dispatch weights that minimise the max GPU load for ``load``.
 
     Args:
@@ -64,7 +64,7 @@ def solve_weights(placement: Placement, load: Any, *, sweeps: int = 16) -> torch
 
     y = _gpu_sum(z, gpu, placement.num_gpus)
     bound = _certified_bound(y, w, gpu, held)
-    upper = y.max(1).values
+    upper = y.amax(1)
     for layer in ((upper - bound) > 1e-12 * upper).nonzero().flatten().tolist():
         _finish_layer(z[layer], w[layer], gpu[layer], distinct[layer], movable[layer], y[layer], float(bound[layer]))
 
@@ -94,9 +94,13 @@ def _smooth(z, w, gpu, distinct, movable, num_gpus: int, sweeps: int) -> None:
 def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
     """Step 3 of the module doc for one layer, in place on ``z [E, X]``; ``y [G]`` its GPU loads."""
     experts = movable.nonzero().flatten().tolist()
-    slots = {e: [x for x in range(z.shape[1]) if distinct[e, x]] for e in experts}
-    to_gpu = {e: [int(gpu[e, x]) for x in slots[e]] for e in experts}
-    flow = {e: [float(z[e, x]) for x in slots[e]] for e in experts}
+    sub = z[experts].tolist(), gpu[experts].tolist(), distinct[experts].tolist(), w[experts].tolist()
+    slots, to_gpu, flow, weight = {}, {}, {}, {}
+    for e, z_e, gpu_e, distinct_e, w_e in zip(experts, *sub):
+        slots[e] = [x for x, keep in enumerate(distinct_e) if keep]
+        to_gpu[e] = [gpu_e[x] for x in slots[e]]
+        flow[e] = [z_e[x] for x in slots[e]]
+        weight[e] = w_e
     load = y.tolist()
     # Fixed load: experts that cannot move (one GPU) or carry nothing.
     fixed = list(load)
@@ -126,7 +130,7 @@ def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
             # No path: every reachable GPU is full and only reachable experts feed them, so
             # those GPUs must carry all of those experts: a higher lower bound.
             reach_gpus = {g for e in path for g in to_gpu[e]}
-            total = sum(fixed[g] for g in reach_gpus) + sum(w[e].item() for e in path)
+            total = sum(fixed[g] for g in reach_gpus) + sum(weight[e] for e in path)
             if total / len(reach_gpus) > target:
                 target = total / len(reach_gpus)
                 continue
@@ -153,8 +157,7 @@ def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
         for (nxt, _), j in zip(path[1:], taken):
             flow[nxt][j] -= amount
     for e in experts:
-        for x, f in zip(slots[e], flow[e]):
-            z[e, x] = max(f, 0.0)
+        z[e, slots[e]] = torch.tensor(flow[e], dtype=z.dtype).clamp(min=0)
 
 
 def _augmenting_path(sources, to_gpu, flow, feeds, load, target):
@@ -218,7 +221,7 @@ def _water_fill(level: torch.Tensor, mask: torch.Tensor, amount: torch.Tensor) -
     inf = torch.finfo(level.dtype).max
     low = torch.where(mask, level, inf).sort(-1).values
     k = torch.arange(1, level.shape[-1] + 1, dtype=level.dtype)
-    lam = ((amount.unsqueeze(-1) + low.cumsum(-1)) / k).nan_to_num(posinf=inf).min(-1).values
+    lam = ((amount.unsqueeze(-1) + low.cumsum(-1)) / k).nan_to_num(posinf=inf).amin(-1)
     return torch.where(mask, (lam.unsqueeze(-1) - level).clamp(min=0), 0.0)
 
 
@@ -229,6 +232,6 @@ def _certified_bound(y: torch.Tensor, w: torch.Tensor, gpu: torch.Tensor, held: 
     position = torch.empty_like(y, dtype=torch.int64).scatter_(
         1, y.argsort(1, descending=True), torch.arange(num_gpus).expand_as(y).contiguous()
     )
-    last = torch.where(held, position.gather(1, gpu.flatten(1)).view_as(gpu), -1).max(-1).values  # [L, E]
+    last = torch.where(held, position.gather(1, gpu.flatten(1)).view_as(gpu), -1).amax(-1)  # [L, E]
     inside = torch.zeros(y.shape[0], num_gpus, dtype=y.dtype).scatter_add_(1, last, w).cumsum(1)
-    return (inside / torch.arange(1, num_gpus + 1, dtype=y.dtype)).max(1).values
+    return (inside / torch.arange(1, num_gpus + 1, dtype=y.dtype)).amax(1)

@@ -149,7 +149,9 @@ class WaterfillBalancer:
     # Construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_placement(cls, placement: Placement, load: Any, *, layer: int, rank: int, **kwargs: Any) -> "WaterfillBalancer":
+    def from_placement(
+        cls, placement: Placement, load: Any, *, layer: int, rank: int, **kwargs: Any
+    ) -> "WaterfillBalancer":
         """A static-mode balancer whose rank loads come from an EPLB placement and recorded loads.
 
         Args:
@@ -171,7 +173,9 @@ class WaterfillBalancer:
             raise EplbError("rank_load is the static mode's load estimate; drop it or use mode='static'")
         load = torch.as_tensor(rank_load).detach().to("cpu", torch.float64)
         if load.shape != (self.ep_size,):
-            raise EplbError(f"rank_load has shape {tuple(load.shape)}; pass one load per EP rank, shape ({self.ep_size},)")
+            raise EplbError(
+                f"rank_load has shape {tuple(load.shape)}; pass one load per EP rank, shape ({self.ep_size},)"
+            )
         if not torch.isfinite(load).all() or (load < 0).any():
             raise EplbError("rank_load has negative, NaN or infinite entries; pass non-negative token counts")
         if load.sum() <= 0:
@@ -191,7 +195,8 @@ class WaterfillBalancer:
 
     @staticmethod
     def _validate_preference(value: Any) -> Fraction:
-        if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not 1 <= value <= MAX_LOCAL_PREFERENCE:
+        number = not isinstance(value, bool) and isinstance(value, (int, float, Fraction))
+        if not number or not 1 <= value <= MAX_LOCAL_PREFERENCE:
             raise EplbError(
                 f"local_preference must be a number in [1, {MAX_LOCAL_PREFERENCE}] (1: no preference), got {value!r}"
             )
@@ -294,7 +299,9 @@ class WaterfillBalancer:
         if not topk_weights.dtype.is_floating_point:
             raise EplbError(f"topk_weights has dtype {topk_weights.dtype}; pass floating-point weights")
         if topk_ids.device != topk_weights.device:
-            raise EplbError(f"topk_ids is on {topk_ids.device} but topk_weights on {topk_weights.device}; use one device")
+            raise EplbError(
+                f"topk_ids is on {topk_ids.device} but topk_weights on {topk_weights.device}; use one device"
+            )
         capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.check_inputs and not capturing and topk_ids.numel() and int(topk_ids.max()) >= self.num_routed_slots:
             raise EplbError(
@@ -348,7 +355,10 @@ class WaterfillBalancer:
         return reference.waterfill_torch(ids, weights, loads, source, self.rule)
 
     def __repr__(self) -> str:
-        source = "dynamic" if self.mode == "dynamic" else ("static, recorded loads" if self._prior is not None else "static, batch counts")
+        if self.mode == "dynamic":
+            source = "dynamic"
+        else:
+            source = "static, batch counts" if self._prior is None else "static, recorded loads"
         return (
             f"WaterfillBalancer(slots={self.num_routed_slots}, ep_size={self.ep_size}, rank={self.rank}, "
             f"{source}, candidates={'all' if self.rule.all_ranks else 'routed'})"

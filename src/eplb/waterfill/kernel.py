@@ -18,6 +18,12 @@ import triton.language as tl
 from eplb.dispatch.hashing import MUL1, MUL2, UNIFORM_BITS
 from eplb.waterfill.reference import NO_RANK_LOAD, WEIGHT_BITS, Rule, Source
 
+# Kernels read module globals only as constexprs.
+_WEIGHT_BITS = tl.constexpr(WEIGHT_BITS)
+_NO_RANK_LOAD = tl.constexpr(NO_RANK_LOAD)
+_UNIFORM_BITS = tl.constexpr(UNIFORM_BITS)
+_MUL1 = tl.constexpr(MUL1)
+_MUL2 = tl.constexpr(MUL2)
 # Ids binned per histogram step when a program counts the whole batch.
 _COUNT_IDS = 4096
 # Tokens x ranks per program for the choice: keeps the [BLOCK_M, W] tiles in registers.
@@ -61,7 +67,8 @@ def _waterfill_kernel(
     ids_ptr, weights_ptr, loads_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,
     num_tokens, slots_per_rank, rank, key, min_tile_tokens, local_weight, remote_weight,
     K: tl.constexpr, K_PAD: tl.constexpr, K1_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, ALL_RANKS: tl.constexpr, LOCAL_ONLY: tl.constexpr,
+    BLOCK_M: tl.constexpr, SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, ALL_RANKS: tl.constexpr,
+    LOCAL_ONLY: tl.constexpr,
     TILE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,7 +103,7 @@ def _waterfill_kernel(
         count = tl.sum(wet.to(tl.int64), axis=0)
         level = shared + tl.sum(tl.where(wet, load, 0), axis=0)
         deficit = tl.where(rank_ok, tl.maximum(level - load * count, 0), 0)
-        weight = deficit // ((tl.max(deficit, axis=0) >> WEIGHT_BITS) + 1)
+        weight = deficit // ((tl.max(deficit, axis=0) >> _WEIGHT_BITS) + 1)
         if TILE:
             keep = (weight * tokens_this_step >= min_tile_tokens * tl.sum(weight, axis=0)) | (
                 weight == tl.max(weight, axis=0))
@@ -116,18 +123,18 @@ def _waterfill_kernel(
         total = tl.sum(w_tok, axis=1)
         h = rows.to(tl.uint32) ^ key.to(tl.uint32)
         h ^= h >> 16
-        h *= MUL1
+        h *= _MUL1
         h ^= h >> 15
-        h *= MUL2
+        h *= _MUL2
         h ^= h >> 16
-        u = ((h >> (32 - UNIFORM_BITS)).to(tl.int64) * total) >> UNIFORM_BITS
+        u = ((h >> (32 - _UNIFORM_BITS)).to(tl.int64) * total) >> _UNIFORM_BITS
         drawn = tl.sum((tl.cumsum(w_tok, axis=1) <= u[:, None]).to(tl.int64), axis=1)
 
-        other = tl.where(cand & (~is_own)[None, :], load[None, :], NO_RANK_LOAD)
+        other = tl.where(cand & (~is_own)[None, :], load[None, :], _NO_RANK_LOAD)
         least_load = tl.min(other, axis=1)
         least = tl.min(tl.where(other == least_load[:, None], ranks[None, :], W_PAD), axis=1).to(tl.int64)
         own_load = tl.sum(tl.where(is_own, load, 0), axis=0)
-        found = least_load < NO_RANK_LOAD
+        found = least_load < _NO_RANK_LOAD
         lower = found & (tl.where(found, least_load, 0) * local_weight < own_load * remote_weight)
         dest = tl.where(total > 0, drawn, tl.where(lower, least, rank))
     # 4. Expand: routed ids p -> p + p // epr, the shared column last.
@@ -194,7 +201,8 @@ def waterfill_triton(
         topk_ids, topk_weights, topk_ids if loads is None else loads, shared_weight, out_ids, out_weights,
         m, rule.slots_per_rank, rule.rank, rule.key, rule.min_tile_tokens, rule.local_weight, rule.remote_weight,
         K=k, K1_PAD=triton.next_power_of_2(k + 1), W=rule.ep_size, W_PAD=w_pad, BLOCK_M=block_m,
-        SOURCE=int(source), HAS_LOADS=loads is not None, ALL_RANKS=rule.all_ranks, LOCAL_ONLY=local_only, TILE=rule.min_tile_tokens > 0,
+        SOURCE=int(source), HAS_LOADS=loads is not None, ALL_RANKS=rule.all_ranks, LOCAL_ONLY=local_only,
+        TILE=rule.min_tile_tokens > 0,
         **_count_args(m, k, counts=not local_only and (source == Source.BATCH or rule.min_tile_tokens > 0)),
     )
     return out_ids, out_weights

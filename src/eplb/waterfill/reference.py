@@ -83,7 +83,8 @@ def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> t
     ranks = torch.where(valid, torch.div(topk_ids, slots_per_rank, rounding_mode="floor"), ep_size)
     # scatter_add rather than bincount, which reads the largest id back to the host.
     per_rank = torch.zeros(ep_size + 1, dtype=torch.int64, device=topk_ids.device)
-    per_rank.scatter_add_(0, ranks.reshape(-1).long(), torch.ones(ranks.numel(), dtype=torch.int64, device=topk_ids.device))
+    ones = torch.ones(ranks.numel(), dtype=torch.int64, device=topk_ids.device)
+    per_rank.scatter_add_(0, ranks.reshape(-1).long(), ones)
     per_rank = per_rank[:ep_size]
     tokens = valid.any(dim=1).sum().reshape(1)
     return torch.cat([per_rank, tokens])
@@ -157,7 +158,9 @@ def choose_shared_rank(topk_ids: torch.Tensor, loads: torch.Tensor, weights: tor
     return torch.where(total > 0, drawn, fallback)
 
 
-def expand(topk_ids: torch.Tensor, topk_weights: torch.Tensor, dest: torch.Tensor | int, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
+def expand(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, dest: torch.Tensor | int, rule: Rule
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the expanded top-k.
 
     Args:
@@ -174,7 +177,8 @@ def expand(topk_ids: torch.Tensor, topk_weights: torch.Tensor, dest: torch.Tenso
     """
     valid = topk_ids >= 0
     has_valid = valid.any(dim=1, keepdim=True)
-    dest = torch.as_tensor(dest, device=topk_ids.device)
+    if isinstance(dest, int):  # a fill, not a host-to-device copy: allowed in CUDA-graph capture
+        dest = torch.full((1,), dest, dtype=torch.int64, device=topk_ids.device)
     shared = torch.where(has_valid, shared_slot(dest, rule.slots_per_rank).reshape(-1, 1), -1)
     ids = torch.cat([expand_routed_ids(topk_ids, rule.slots_per_rank), shared.to(topk_ids.dtype)], dim=1)
     routed_w = torch.where(valid, topk_weights, 0)

@@ -163,7 +163,7 @@ def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
     assert torch.equal(shares(rank_load=recorded, prior_tokens=0), batch_only)
     assert batch_only[0] < 0.05 and records_only[3] < 0.05
     blended = shares(rank_load=recorded, prior_tokens=2000)  # as many tokens as the batch
-    assert blended[0] > batch_only[0] + 0.05 and blended[3] > records_only[3] + 0.05
+    assert (blended - batch_only).abs().sum() > 0.1 and (blended - records_only).abs().sum() > 0.1
     assert torch.allclose(shares(rank_load=recorded, prior_tokens=10**7), records_only, atol=0.01)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import random_topk  # noqa: E402
+from waterfill_inputs import random_topk  # noqa: E402
 
 from eplb import WaterfillBalancer  # noqa: E402
 

@@ -94,8 +94,8 @@ def _check_same_shape(current: Placement, new: Placement) -> None:
 # Validation of plan(current=..., max_moves=...) -------------------------------------------
 
 
-def check_current(current: object, spec: PlanSpec, num_layers: int, num_experts: int) -> Placement:
-    """``current`` as a Placement that fits the request, or EplbError naming the mismatch."""
+def check_current(current: object, spec: PlanSpec, num_layers: int, num_experts: int) -> None:
+    """Raise EplbError unless ``current`` is a Placement for this many layers and experts on ``spec``."""
     if not isinstance(current, Placement):
         raise EplbError(
             f"current must be a Placement, got {type(current).__name__}; "
@@ -115,7 +115,6 @@ def check_current(current: object, spec: PlanSpec, num_layers: int, num_experts:
                 f"current placement has {name}={have} but {source} is {want}; pass the placement now serving "
                 "this model on this cluster, or plan without current="
             )
-    return current
 
 
 def check_max_moves(max_moves: object, current: object) -> Optional[int]:
@@ -132,6 +131,7 @@ def check_max_moves(max_moves: object, current: object) -> Optional[int]:
 
 
 def _is_int(value: object, minimum: int) -> bool:
+    # numpy and torch integers count; bool does not (True would silently mean 1).
     return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
@@ -343,10 +343,13 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
       the experts lightest after one more replica;
     - *swap*: a slot of the hottest GPU and a slot of another GPU exchange experts (two moves).
 
-    When no move lowers the max (several GPUs share it), the move that most lowers the sum of
-    squared GPU loads without raising the max is taken, so the next steps can lower each of them.
-    A layer stops when nothing improves; its result is the state after its last max-lowering
-    move, so no budget is spent on moves that did not pay off.
+    Moves that re-change an already changed slot cost nothing and go first. When no move lowers
+    the max (several GPUs share it), the move that most lowers the sum of squared GPU loads
+    without raising the max is taken, so the next steps can lower each of them. The path does
+    not depend on ``max_moves``, so a larger budget only follows it further; a layer leaves it
+    when its next move does not fit (after one last max-lowering move that fits, if any) or
+    nothing improves. Its result is the state after its last max-lowering move, so no budget is
+    spent on moves that did not pay off.
 
     Args:
         row: ``[L, P]`` phy2log with empty slots as id ``E``.
@@ -357,7 +360,7 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
     Returns:
         ``[L, P]`` phy2log, empty slots as id ``E``.
     """
-    origin, best = row, row
+    origin, row, best = row, row.clone(), row.clone()
     used = torch.zeros(row.shape[0], dtype=torch.int64)
     live = torch.arange(row.shape[0])  # layers still on the greedy path
     # Re-changing a slot already changed is free, so steps can outnumber moves; bound them anyway.
@@ -380,9 +383,7 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
             improves, by_max,
             torch.where(flatter, (squares - moves.new_squares) / per_move, -torch.inf).argmax(1),
         )
-        # The path ignores the budget, so a larger budget follows the same path further and
-        # never ends worse. Where the path's next move does not fit, the best max-lowering
-        # move that fits is one last step off the path.
+        # The path ignores the budget, so that a larger budget never ends worse.
         fits = used[live, None] + cost <= max_moves
         on_path = (improves | flatter.any(1)) & fits.gather(1, pick[:, None]).squeeze(1)
         last_fit = lower_max & fits
@@ -391,11 +392,9 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
         step = on_path | off_path
         lowered = (on_path & improves) | off_path
         pick = pick[step, None]
-        row = row.clone()
         for slots, values in ((moves.slot_a, moves.value_a), (moves.slot_b, moves.value_b)):
             row[live[step], slots[step].gather(1, pick).squeeze(1)] = values[step].gather(1, pick).squeeze(1)
         used[live[step]] += cost[step].gather(1, pick).squeeze(1)
-        best = best.clone()
         best[live[lowered]] = row[live[lowered]]
         live = live[on_path]
         if live.numel() == 0:

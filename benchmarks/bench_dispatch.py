@@ -8,12 +8,17 @@ remap: DeepSeek-V3 shape (58 layers, 256 experts, 288 slots on 32 GPUs / 4 nodes
 tokens x top-8 int32 ids. Each variant is captured in one CUDA graph of ``--calls`` remaps
 (cycling over the layers); a replay is timed with CUDA events and divided by the call count;
 the median over ``--replays`` replays is reported, next to an empty Triton kernel with the
-same grid (the launch floor) and the plain-torch remap.
+same grid (the launch floor) and the plain-torch remap. Two placements: a synthetic
+heavy-tailed load (one expert gets 33 replicas: the worst case for a per-replica scan) and a
+realistic one with X ~ 8 replicas at most: planned on the real DeepSeek-V3 loads when they are
+present, else on a log-normal stand-in (sigma 0.8: per-layer coefficient of variation 0.93,
+real files 0.75-1.07; it also gives X = 8), weights solved on a second load.
 
 solver: real DeepSeek-V3 prefill loads (../shared/eplb_real_data/sglang-dsv3-ep-stats, skipped
 when absent): a placement from ``eplb.plan(algorithm="deepseek")`` fitted on one file, weights
 solved on another; the max/mean GPU load with the even split, with the solved weights, and the
-LP optimum by scipy's HiGHS (when scipy is installed), averaged over the MoE layers.
+LP optimum by scipy's HiGHS (when scipy is installed), averaged over the MoE layers; the time to
+solve the weights and to build their alias table (``WeightedDispatch.set_probs`` minus the copy).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 import eplb
 from eplb.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, solve_weights, split_gpu_load
+from eplb.dispatch.alias import alias_table
 
 try:  # only the GPU part needs Triton; it resolves _empty_kernel's annotation in these globals
     import triton
@@ -43,6 +49,19 @@ def synthetic_load(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # Heavy-tailed like real routing: a few hot experts per layer.
     return torch.rand(LAYERS, EXPERTS, generator=g, dtype=torch.float64) ** -1.5
+
+
+def realistic_loads() -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(source, load to plan on, load to solve weights on), both ``[58, 256]``."""
+    if REAL.is_dir():
+        return "real DSv3 loads", read_real("prefill_in4096"), read_real("prefill_in1024")
+    gens = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    fit, recent = ((torch.randn(LAYERS, EXPERTS, generator=g, dtype=torch.float64) * 0.8).exp() for g in gens)
+    return "log-normal loads", fit, recent
+
+
+def read_real(name: str) -> torch.Tensor:
+    return torch.tensor(json.loads((REAL / f"{name}.json").read_text())["logical_count"], dtype=torch.float64)[3:]
 
 
 def time_graph(fn, calls: int, replays: int) -> float:
@@ -69,16 +88,22 @@ def time_graph(fn, calls: int, replays: int) -> float:
 
 def bench_remap(args) -> list[dict]:
     empty_kernel = triton.jit(_empty_kernel)
-    placement = eplb.plan(synthetic_load(), num_gpus=GPUS, num_slots=SLOTS, num_nodes=NODES, algorithm="deepseek")
-    probs = solve_weights(placement, synthetic_load(1))
+    plan = dict(num_gpus=GPUS, num_slots=SLOTS, num_nodes=NODES, algorithm="deepseek")
+    synthetic = eplb.plan(synthetic_load(), **plan)
+    source, fit, recent = realistic_loads()
+    realistic = eplb.plan(fit, **plan)
     ids = torch.randint(0, EXPERTS, (args.tokens, args.topk), dtype=torch.int32, device="cuda")
     grid = (triton.cdiv(ids.numel(), 1024),)
     rows = [{"variant": "empty Triton kernel (same grid)",
              "us": time_graph(lambda i: empty_kernel[grid](ids, ids.numel(), BLOCK=1024), args.calls, args.replays)}]
+    width = synthetic.log2phy.shape[-1]
     policies = {
-        "static": StaticDispatch(placement, 3, device="cuda"),
-        "hash": HashDispatch(placement, device="cuda"),
-        "weighted": WeightedDispatch(placement, probs, device="cuda"),
+        "static": StaticDispatch(synthetic, 3, device="cuda"),
+        "hash": HashDispatch(synthetic, device="cuda"),
+        f"weighted, heavy-tailed X={width}": WeightedDispatch(synthetic, solve_weights(synthetic, synthetic_load(1)),
+                                                           device="cuda"),
+        f"weighted, {source} X={realistic.log2phy.shape[-1]}": WeightedDispatch(
+            realistic, solve_weights(realistic, recent), device="cuda"),
     }
     for name, policy in policies.items():
         for backend in ("triton", "torch"):
@@ -92,24 +117,25 @@ def _empty_kernel(ids_ptr, n, BLOCK: "tl.constexpr"):
 
 
 def bench_solver(args) -> list[dict]:
-    def read(name: str) -> torch.Tensor:
-        return torch.tensor(json.loads((REAL / f"{name}.json").read_text())["logical_count"], dtype=torch.float64)[3:]
-
     rows = []
     for fit_name, recent_name in args.pairs:
-        fit, recent = read(fit_name), read(recent_name)
+        fit, recent = read_real(fit_name), read_real(recent_name)
         placement = eplb.plan(fit, num_gpus=GPUS, num_slots=SLOTS, num_nodes=NODES, algorithm="deepseek")
-        times = []
+        solve_times, alias_times = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
             probs = solve_weights(placement, recent)
-            times.append(time.perf_counter() - start)
+            solve_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            alias_table(placement, probs)
+            alias_times.append(time.perf_counter() - start)
         mean = recent.sum(1) / GPUS
         row = {
             "fit": fit_name, "recent": recent_name,
             "even": float((placement.gpu_load(recent).amax(1) / mean).mean()),
             "solved": float((split_gpu_load(placement, recent, probs).amax(1) / mean).mean()),
-            "solve_ms": 1000 * statistics.median(times),
+            "solve_ms": 1000 * statistics.median(solve_times),
+            "alias_ms": 1000 * statistics.median(alias_times),
         }
         optimum = lp_optimum(placement, recent)
         if optimum is not None:
@@ -157,8 +183,8 @@ def main() -> None:
     if args.part in ("all", "remap"):
         if torch.cuda.is_available():
             print(f"## remap, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                  f"{args.tokens} x top-{args.topk} int32, median us per layer call over {args.replays} graph replays "
-                  "(synthetic placement: max 33 replicas per expert)")
+                  f"{args.tokens} x top-{args.topk} int32, median us per layer call over {args.replays} graph "
+                  "replays (X: most replicas of one expert)")
             print("| variant | us / call |\n|---|---|")
             for row in bench_remap(args):
                 print(f"| {row['variant']} | {row['us']:.2f} |")
@@ -167,11 +193,13 @@ def main() -> None:
     if args.part in ("all", "solver"):
         if REAL.is_dir():
             print("## solver, max/mean GPU load (mean over 58 MoE layers), EP32 / 288 slots / 4 nodes")
-            print("| placement fitted on | weights solved on | even split | solved | LP optimum | solve ms |")
-            print("|---|---|---|---|---|---|")
+            print("| placement fitted on | weights solved on | even split | solved | LP optimum "
+                  "| solve ms | alias ms |")
+            print("|---|---|---|---|---|---|---|")
             for r in bench_solver(args):
                 lp = f"{r['lp']:.5f}" if "lp" in r else "n/a"
-                print(f"| {r['fit']} | {r['recent']} | {r['even']:.5f} | {r['solved']:.5f} | {lp} | {r['solve_ms']:.0f} |")
+                print(f"| {r['fit']} | {r['recent']} | {r['even']:.5f} | {r['solved']:.5f} | {lp} "
+                      f"| {r['solve_ms']:.0f} | {r['alias_ms']:.1f} |")
         else:
             print(f"solver: {REAL} not present, skipped")
 

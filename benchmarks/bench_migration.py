@@ -3,8 +3,8 @@
 The placement now serving was planned on one workload; the load has moved to another. For each
 budget ``k`` (slots whose expert may change, per layer) the table gives the balance on the new
 load (mean over MoE layers of max/mean GPU load, and the worst layer), the moves (per layer and in
-all) and the weight bytes they copy, and the CPU time of the ``eplb.plan`` call. Baselines: no
-rebalance; a full replan switched to as planned (every slot whose expert differs is copied);
+all) and the weight bytes they copy, and the CPU time of the ``eplb.plan`` call (one thread).
+Baselines: a full replan switched to as planned (every slot whose expert differs is copied);
 vLLM's way (a full replan whose GPUs keep their rank, only experts staying on a GPU keep their
 slot); and the full replan re-labelled to the current GPUs (``max_moves=None``).
 
@@ -83,9 +83,9 @@ def table(scenario: Scenario, algorithm: str, gpus: int, slots: int, nodes: int,
     ideal, ideal_ms = _timed(lambda: eplb.plan(scenario.new, **spec))
     kept_ranks = Placement(align(current.phy2log, ideal.phy2log, gpus, nodes, permute_gpus=False),
                            ideal.num_experts, gpus, nodes)
-    rows: list[tuple[str, Placement, Optional[float]]] = [("no rebalance", current, None)]
-    for budget in BUDGETS[1:] + [slots]:
-        label = f"max_moves={budget}" + (" (all slots)" if budget == slots else "")
+    rows: list[tuple[str, Placement, Optional[float]]] = []
+    for budget in BUDGETS + [slots]:
+        label = f"max_moves={budget}" + {0: " (no rebalance)", slots: " (all slots)"}.get(budget, "")
         rows.append((label, *_timed(lambda: eplb.plan(scenario.new, **spec, current=current, max_moves=budget))))
     rows += [
         ("full replan, as planned", ideal, ideal_ms),

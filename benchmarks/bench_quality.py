@@ -16,6 +16,8 @@ Real sets are read from ``--data`` (skipped when absent); nothing is copied into
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +78,14 @@ def _score(placement, load: torch.Tensor, setup: Setup) -> dict[str, float]:
     }
 
 
-def _plan_ms(history: torch.Tensor, setup: Setup, algo: str) -> float:
-    best = float("inf")
-    for _ in range(3):
+def _plan_ms(history: torch.Tensor, setup: Setup, algo: str, runs: int = 5) -> tuple[float, float]:
+    """(min, median) CPU ms of one plan over ``runs`` runs."""
+    times = []
+    for _ in range(runs):
         start = time.process_time()
         _plan(history, setup, algo)
-        best = min(best, time.process_time() - start)
-    return 1e3 * best
+        times.append(1e3 * (time.process_time() - start))
+    return min(times), statistics.median(times)
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -109,7 +112,7 @@ def evaluate_set(title: str, windows: list[torch.Tensor], setup: Setup, tests: l
                     for fit, held in tests]
         oos_rows += [_score(_plan(h, setup, algo), target, setup) for h, target in (extra_oos or [])]
         oos = _mean(oos_rows) if oos_rows else None
-        ms = _plan_ms(windows[0], setup, algo)
+        ms, _ = _plan_ms(windows[0], setup, algo)
         lines.append(
             f"| {algo} | {ins['mm']:.4f} | {ins['gap']:.4f} | {ins['dup']:.1f} | {ins['traffic']:.3f} | "
             + (f"{oos['mm']:.4f} | {oos['worst']:.3f}" if oos else "- | -") + f" | {ms:.1f} |"
@@ -135,14 +138,17 @@ def zipf_windows(alpha: float, layers: int = 16, experts: int = 256, windows: in
 
 
 def scaling(load: torch.Tensor) -> str:
-    """Plan time of ``eplb`` (one window, best of 3) as the cluster grows, 256 experts."""
-    lines = ["### Plan time of eplb vs cluster size (58 layers x 256 experts, one window, one thread)", "",
+    """Plan time of ``eplb`` and ``deepseek`` (one window; min / median of 20 runs, side by side)."""
+    lines = [f"### Plan time vs cluster size ({load.shape[1]} layers x {load.shape[2]} experts, one window, "
+             "one thread; CPU ms, min / median of 20 runs)", "",
+             f"Load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores).", "",
              "| GPUs | slots | nodes | eplb ms | deepseek ms |", "|---|---|---|---|---|"]
     for gpus, slots, nodes in ((32, 288, 1), (32, 288, 4), (64, 320, 8), (64, 512, 1), (128, 512, 1),
                                (256, 1024, 1), (256, 1024, 32)):
         setup = Setup("", gpus, slots, nodes, 8, 8)
-        lines.append(f"| {gpus} | {slots} | {nodes} | {_plan_ms(load, setup, 'eplb'):.0f} | "
-                     f"{_plan_ms(load, setup, 'deepseek'):.0f} |")
+        ours, ref = _plan_ms(load, setup, "eplb", 20), _plan_ms(load, setup, "deepseek", 20)
+        lines.append(f"| {gpus} | {slots} | {nodes} | {ours[0]:.0f} / {ours[1]:.0f} | {ref[0]:.0f} / {ref[1]:.0f} |")
+    lines += ["", f"Load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}."]
     return "\n".join(lines) + "\n"
 
 
@@ -150,14 +156,18 @@ NOTES = """### Notes
 
 - eplb runs with its defaults (`EngineConfig(risk=1.0, half_life=8.0, locality=0.25)`); no constant was fitted
   to these sets. Out-of-sample histories are the other workloads as windows, oldest first in file-name order.
-- Duplicates (a replica on a GPU that already holds its expert) are 0 for eplb everywhere: none of these specs
-  forces one (`eplb.algorithms.engine.forced_duplicates`).
-- Zipf 1.5 in sample: the hottest expert needs more replicas than there are GPUs; deepseek stacks them on GPUs
-  (duplicates), eplb caps an expert at one replica per GPU and its swap search stalls above deepseek there.
+- Duplicates (a replica on a GPU that already holds its expert): none of these specs forces one by the slot
+  counts (`eplb.algorithms.engine.forced_duplicates`). The loads can: on Zipf >= 1.5 more replicas heavier than
+  half a GPU's fair load exist than GPUs, one GPU must take two, and two replicas of one expert can be the
+  lightest pair. With one node eplb then keeps DeepSeek's duplicate (after its own search, moving every
+  duplicate it can without raising the peak) only where that beats its duplicate-free plan
+  (`EngineConfig(allow_duplicates=False)` forbids it). With several nodes it stays duplicate-free and has no
+  DeepSeek fallback (that plan ignores nodes and groups), so on Zipf 1.5 at 4 nodes it is still above deepseek.
 - Synthetic out of sample: the drift is independent noise per window, which no history predicts, so hedging
   buys nothing and costs a little; on the real sets, where workloads share structure, it pays.
-- Plan times are CPU time of the one thread (`time.process_time`, best of 3), so other jobs on the shared
-  2-core machine inflate them less than wall-clock; they still vary by about +-30% between runs here.
+- Plan times are CPU time of the one thread (`time.process_time`; tables: best of 5), so other jobs on the
+  shared 2-core machine inflate them less than wall-clock; other helpers were running during this run (see the
+  load averages), so they are upper estimates and vary by about +-30% between runs.
 """
 
 

@@ -75,6 +75,7 @@ def bench(json_path: str | None) -> None:
     identity = {"all_reduce": lambda t: t}  # dynamic mode minus the collective
     variants = [
         ("static, recorded rank loads (eplb default)", dict(recorded=True)),
+        ("static, recorded loads, move=all (by deficit)", dict(recorded=True, move="all")),
         ("static, recorded loads + tile rule (128)", dict(recorded=True, min_tile_tokens=128)),
         ("static, batch counts (SGLang's static rule)", dict()),
         ("static, recorded loads, candidates=all", dict(recorded=True, candidates="all")),
@@ -107,10 +108,25 @@ def bench(json_path: str | None) -> None:
         sized_ids, sized_w = skewed_topk(tokens, SLOTS, "cuda")
         add("static, recorded rank loads", f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
             lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+    # Tokens per program and warps of the fused kernel (module constants): which is fastest here.
+    from eplb.waterfill import kernel
+
+    default = (kernel.BLOCK_M, kernel.NUM_WARPS)
+    for block, warps in ((32, 1), (64, 2), (128, 4), (256, 8)):
+        kernel.BLOCK_M, kernel.NUM_WARPS = block, warps
+        for ep, slots in ((16, 288), (64, 320)):
+            balancers = layers(ep, slots, recorded=True)
+            sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
+            add(f"static, recorded rank loads, BLOCK_M={block} num_warps={warps}", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
+                lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+    kernel.BLOCK_M, kernel.NUM_WARPS = default
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "calls_per_graph": CALLS, "replays": REPLAYS, "repeats": REPEATS}
     print(json.dumps(meta))
+    print("\n| variant | input | calls/graph | us per call |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['op']} | {r['shape']} | {r['calls_per_graph']} | {r['us_per_call']:.2f} |")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -167,7 +183,8 @@ def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]
             return lambda l, r: WaterfillBalancer(slots, ep, r, layer_id=l, backend="torch", **kw)
 
         variants = {
-            "static, recorded loads": static(),
+            "static, recorded loads, move=all (before)": static(move="all"),
+            "static, recorded loads (move=excess)": static(),
             "static, recorded + batch (prior_tokens=4096)": static(prior_tokens=4096),
             "static, batch counts (SGLang)": batch(),
             "dynamic": batch(mode="dynamic", all_reduce=lambda t: t),

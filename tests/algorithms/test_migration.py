@@ -13,6 +13,17 @@ from eplb.errors import EplbError
 from eplb.metrics import duplicates
 from eplb.placement import EMPTY_SLOT, Placement
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The greedy search runs many mid-sized ops; on a shared, busy 2-core machine, intra-op
+    # threads wait on each other far longer than the ops take (a 0.15 s plan took 15 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (experts, slots, GPUs, nodes) of the random cases.
 SHAPES = [(16, 24, 4, 1), (12, 16, 4, 2), (10, 20, 5, 1)]
 BUDGETS = [0, 1, 2, 3, 5, 8, 13, 40]
@@ -89,6 +100,16 @@ def test_unlimited_reaches_ideal_with_fewer_moves(algorithm, shape, make_load):
     # A budget as large as the whole placement is at least as good as the ideal.
     everything = eplb.plan(load, **spec, algorithm=algorithm, current=current, max_moves=spec["num_slots"])
     assert (max_load(everything, load) <= max_load(ideal, load) * (1 + 1e-9)).all()
+
+
+def test_balanced_placement_is_left_alone():
+    # Every GPU carries the same load: no move can help, so none is made, whatever the budget.
+    load = torch.ones(3, 16)
+    spec = dict(num_gpus=4, num_slots=16)
+    current = eplb.plan(load, **spec, algorithm="linear")
+    for budget in (1, 4, 16):
+        new = eplb.plan(load, **spec, algorithm="deepseek", current=current, max_moves=budget)
+        assert torch.equal(new.phy2log, current.phy2log)
 
 
 def test_deterministic(make_load):

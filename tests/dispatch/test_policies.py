@@ -110,7 +110,8 @@ def test_weighted_follows_its_probabilities(seed, make_placement):
         p = probs[layer, expert, :cnt] / probs[layer, expert, :cnt].sum()
         # Slots hold one expert each, so a slot's hit count is its replica's count.
         freq = hits[placement.log2phy[layer, expert, :cnt]]
-        # 5 binomial standard deviations at p = 1/2, plus the 2**-24 weight quantisation.
+        # 5 binomial standard deviations at p = 1/2 (the worst case), plus the alias table's
+        # rounding (< 2**-24 / cnt per replica, see eplb.dispatch.alias).
         assert float((freq - p).abs().max()) < 5 * math.sqrt(0.25 / n) + 2**-24
         assert bool((freq[p == 0] == 0).all())
 
@@ -119,13 +120,28 @@ def test_set_probs_rewrites_in_place(make_placement):
     placement = make_placement(3, experts=4, gpus=2, slots_per_gpu=4)
     held = (placement.log2phy >= 0).double()
     dispatch = WeightedDispatch(placement, held)
-    table = dispatch._aux
+    tables = (dispatch._threshold, dispatch._alias)
+    addresses = [t.data_ptr() for t in tables]
     first_only = torch.zeros_like(held)
     first_only[..., 0] = 1.0
     dispatch.set_probs(first_only)
-    assert dispatch._aux is table
+    # A captured graph holds these addresses: the new weights must land in the same storage.
+    assert (dispatch._threshold, dispatch._alias) == tables
+    assert [t.data_ptr() for t in tables] == addresses
     out = dispatch.remap(0, torch.arange(4).repeat(50))
     assert torch.equal(out, placement.log2phy[0, torch.arange(4).repeat(50), 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_with_equal_weights_is_the_hash_policy(dtype, make_placement):
+    # Equal weights give every bucket its own replica (threshold 2**24), so the alias draw
+    # reduces to bucket = h mod logcnt, which is HashDispatch's choice entry by entry.
+    placement = make_placement(7, experts=8, gpus=4, slots_per_gpu=6)
+    ids = _ids(placement, dtype, tokens=500, k=8)
+    weighted = WeightedDispatch(placement, (placement.log2phy >= 0).double() * 3.0, seed=9)
+    hashed = HashDispatch(placement, seed=9)
+    for layer in range(placement.num_layers):
+        assert torch.equal(weighted.remap(layer, ids), hashed.remap(layer, ids))
 
 
 def test_bad_input_raises_eplb_error(placement):

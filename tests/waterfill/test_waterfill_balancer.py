@@ -8,6 +8,7 @@ import torch
 import eplb
 from eplb import EplbError, Placement, WaterfillBalancer
 from eplb.waterfill import expand_routed_ids, shared_slot
+from waterfill_inputs import random_topk
 
 
 def shared_ranks(ids: torch.Tensor, epr: int) -> torch.Tensor:
@@ -137,16 +138,39 @@ def test_dynamic_mode_joins_the_all_reduce_on_every_call(make_topk):
     assert len(calls) == 2 and calls[0].tolist() == [0] * 5 and int(calls[1][-1]) == 10
 
 
-def test_static_mode_uses_the_recorded_rank_loads(make_topk):
+def static_shares(rank: int, rank_load: list[float], tokens: int = 4000, **kw) -> torch.Tensor:
+    """Share of an even batch's shared experts that each rank runs, from ``rank``'s balancer."""
     p, w = 32, 4
-    ids, weights = make_topk(2000, 2, p, seed=5)  # an even batch
-    # Recorded loads say rank 0 and 1 are hot: the shared experts go to ranks 2 and 3.
-    b = WaterfillBalancer(p, w, 0, rank_load=torch.tensor([900.0, 800.0, 100.0, 200.0]), candidates="all",
-                          backend="torch")
+    ids, weights = random_topk(tokens, 2, p, seed=5)
+    b = WaterfillBalancer(p, w, rank, rank_load=torch.tensor(rank_load), candidates="all", local_preference=1.0,
+                          backend="torch", **kw)
     dest = shared_ranks(b.expand_topk(ids, weights)[0], p // w)
-    share = torch.bincount(dest, minlength=w).double() / len(dest)
-    # Level: 2000 routed + 1000 shared over 4 ranks -> deficits [0, 0, 650, 550] / 1200 shared.
-    assert torch.allclose(share, torch.tensor([0.0, 0.0, 650 / 1200, 550 / 1200], dtype=torch.float64), atol=0.04)
+    return torch.bincount(dest, minlength=w).double() / len(dest)
+
+
+def test_static_mode_moves_only_the_excess_of_the_recorded_loads():
+    # 2000 routed + 1000 shared (k = 2): ranks 2 and 3 are below the level 650, with deficits
+    # 550 and 450; each rank holds 250 shared tokens, so rank 2 has room for 300 more, rank 3 200.
+    hot = [900.0, 800.0, 100.0, 200.0]
+    assert torch.allclose(static_shares(0, hot), torch.tensor([0.0, 0.0, 0.6, 0.4], dtype=torch.float64), atol=0.03)
+    assert static_shares(2, hot)[2] == 1.0  # below the level: keeps every shared expert
+    # SGLang's rule samples every token by deficit, also on rank 2.
+    by_deficit = static_shares(2, hot, move="all")
+    assert torch.allclose(by_deficit, torch.tensor([0.0, 0.0, 0.55, 0.45], dtype=torch.float64), atol=0.03)
+    # Level 750 over all ranks, deficits [150, 250, 300, 300]: rank 0 keeps 150 of its 250
+    # shared tokens and sends 50 to each of ranks 2 and 3; rank 1 is exactly at its share.
+    mild = [600.0, 500.0, 450.0, 450.0]
+    assert torch.allclose(static_shares(0, mild), torch.tensor([0.6, 0.0, 0.2, 0.2], dtype=torch.float64), atol=0.03)
+    assert static_shares(1, mild)[1] == 1.0
+
+
+def test_move_defaults_to_excess_only_with_fixed_loads():
+    load = torch.ones(4)
+    assert WaterfillBalancer(32, 4, 0, rank_load=load).move == "excess"
+    assert WaterfillBalancer(32, 4, 0, rank_load=load, prior_tokens=10).move == "all"
+    assert WaterfillBalancer(32, 4, 0, rank_load=load, min_tile_tokens=8).move == "all"
+    assert WaterfillBalancer(32, 4, 0).move == "all"
+    assert WaterfillBalancer(32, 4, 0, mode="dynamic").move == "all"
 
 
 def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
@@ -159,7 +183,7 @@ def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
         dest = shared_ranks(WaterfillBalancer(p, w, 0, **kw, **extra).expand_topk(ids, weights)[0], p // w)
         return torch.bincount(dest, minlength=w).double() / len(dest)
 
-    batch_only, records_only = shares(), shares(rank_load=recorded)
+    batch_only, records_only = shares(), shares(rank_load=recorded, move="all")  # prior_tokens samples by deficit
     assert torch.equal(shares(rank_load=recorded, prior_tokens=0), batch_only)
     assert batch_only[0] < 0.05 and records_only[3] < 0.05
     blended = shares(rank_load=recorded, prior_tokens=2000)  # as many tokens as the batch
@@ -171,11 +195,11 @@ def test_from_placement_reads_gpu_loads(make_topk):
     phy2log = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])
     placement = Placement(phy2log, num_experts=8, num_gpus=4)
     load = torch.tensor([[100.0, 100.0, 50.0, 50.0, 0.0, 0.0, 0.0, 0.0]])
-    b = WaterfillBalancer.from_placement(placement, load, layer=0, rank=2, candidates="all", backend="torch")
+    b = WaterfillBalancer.from_placement(placement, load, layer=0, rank=0, candidates="all", backend="torch")
     assert (b.num_routed_slots, b.ep_size, b.num_expanded_slots) == (8, 4, 12)
     ids, weights = make_topk(1000, 2, 8, seed=2)
     dest = shared_ranks(b.expand_topk(ids, weights)[0], 2)
-    assert set(dest.tolist()) == {2, 3}  # only the idle GPUs are below the level
+    assert set(dest.tolist()) == {2, 3}  # the hot GPU sends all: only the idle GPUs are below the level
     with pytest.raises(EplbError, match="layer 3"):
         WaterfillBalancer.from_placement(placement, load, layer=3, rank=0)
 
@@ -201,6 +225,10 @@ def test_from_placement_reads_gpu_loads(make_topk):
         (dict(all_reduce=lambda t: t), "no collective"),
         (dict(prior_tokens=100), "pass rank_load too"),
         (dict(rank_load=torch.ones(4), prior_tokens=-1), "prior_tokens must be"),
+        (dict(move="some"), "move must be one of"),
+        (dict(move="excess"), "use move='all'"),
+        (dict(mode="dynamic", move="excess"), "needs fixed recorded loads"),
+        (dict(rank_load=torch.ones(4), min_tile_tokens=8, move="excess"), "without prior_tokens"),
     ],
 )
 def test_settings_are_validated(kwargs, match):

@@ -28,6 +28,9 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 CASES = [
     (288, 16, 8, 300, {}),
     (288, 16, 8, 300, {"rank_load": "skewed"}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "rank": 14}),  # a rank below the level
+    (288, 16, 8, 300, {"rank_load": "skewed", "move": "all"}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "candidates": "all"}),
     (288, 16, 8, 300, {"rank_load": "skewed", "min_tile_tokens": 128}),
     (288, 16, 8, 300, {"rank_load": "skewed", "prior_tokens": 1000}),
     (288, 16, 8, 300, {"candidates": "all", "local_preference": 1.0}),
@@ -36,10 +39,33 @@ CASES = [
     (36, 6, 3, 130, {"mode": "dynamic", "min_tile_tokens": 64, "candidates": "all"}),
     (256, 64, 8, 200, {"mode": "dynamic", "rank": 63}),
     (256, 64, 6, 70, {"rank_load": "skewed", "layer_id": 5}),
+    (288, 96, 8, 150, {"rank_load": "skewed", "rank": 70}),  # two 64-rank bitmask words
+    (320, 160, 4, 1100, {"mode": "dynamic", "rank": 100}),  # several count programs
     (4, 1, 2, 100, {}),
     (32, 4, 1, 40, {}),  # under min_batch: local
     (32, 4, 2, 0, {"mode": "dynamic"}),  # empty batch
 ]
+
+
+def random_cases(count: int, seed: int = 0) -> list[tuple[int, int, int, int, dict]]:
+    """Random sizes and settings, drawn from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    cases = []
+    for _ in range(count):
+        w = 1 + pick(80)
+        settings = {"rank": pick(w), "layer_id": pick(100), "local_preference": 1 + pick(4) / 4,
+                    "candidates": ("routed", "all")[pick(2)]}
+        settings.update(({"mode": "dynamic"}, {"rank_load": "random"}, {},
+                         {"rank_load": "random", "min_tile_tokens": 1 + pick(200)})[pick(4)])
+        cases.append((w * (1 + pick(6)), w, 1 + pick(9), 64 + pick(600), settings))
+    return cases
+
+
+CASES += random_cases(8)
 
 
 def compare_backends(device: str) -> int:
@@ -49,7 +75,9 @@ def compare_backends(device: str) -> int:
         rank = settings.pop("rank", 1 % w)
         if settings.get("rank_load") == "skewed":
             settings["rank_load"] = torch.linspace(1.0, 0.1, w) ** 2
-        ids, weights = random_topk(m, k, p, seed=i, skew=2.0, padded=min(m, 3),
+        elif settings.get("rank_load") == "random":
+            settings["rank_load"] = torch.rand(w, generator=torch.Generator().manual_seed(i)) + 0.05
+        ids, weights = random_topk(m, min(k, p), p, seed=i, skew=2.0, padded=min(m, 3),
                                    dtype=(torch.int32, torch.int64)[i % 2],
                                    weight_dtype=(torch.float32, torch.bfloat16, torch.float64)[i % 3])
         ids, weights = ids.to(device), weights.to(device)

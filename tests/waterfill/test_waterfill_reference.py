@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb.waterfill.reference import Rule, choose_shared_rank, local_counts, rank_weights
+from eplb.waterfill.reference import Rule, choose_shared_rank, excess_weights, local_counts, rank_tables, rank_weights
 
 
 def make_rule(ep_size: int, epr: int, rank: int = 0, **kw) -> Rule:
@@ -64,33 +64,68 @@ def test_tile_rule_drops_ranks_with_few_shared_tokens_but_keeps_the_largest():
     assert everyone_small.tolist() == [free[0], 0, 0, 0]
 
 
-def test_draw_follows_the_weights_with_the_local_preference():
+def choose(ids: torch.Tensor, loads: list[int], weights: list[int], rule: Rule) -> torch.Tensor:
+    tables = rank_tables(torch.tensor(weights), torch.tensor(loads), rule)
+    return choose_shared_rank(ids, tables, rule)
+
+
+@pytest.mark.parametrize("all_ranks", [True, False])
+def test_draw_follows_the_weights_with_the_local_preference(all_ranks):
     w, rank, tokens = 4, 1, 40_000
-    rule = make_rule(w, 2, rank, all_ranks=True)
-    ids = torch.zeros(tokens, 1, dtype=torch.int64)  # routes to rank 0 only; all_ranks ignores it
-    weights = torch.tensor([100, 300, 0, 600])
-    dest = choose_shared_rank(ids, torch.tensor([9, 9, 9, 9, 0]), weights, rule)
-    share = torch.bincount(dest, minlength=w).double() / tokens
-    expected = weights.double() * torch.tensor([10.0, 11.0, 10.0, 10.0])
+    rule = make_rule(w, 2, rank, all_ranks=all_ranks)
+    # Every token routes to ranks 0, 2 and 3 (all_ranks ignores the routes).
+    ids = torch.tensor([[0, 4, 6]]).expand(tokens, 3)
+    weights = [100, 300, 0, 600]
+    share = torch.bincount(choose(ids, [9, 9, 9, 9, 0], weights, rule), minlength=w).double() / tokens
+    expected = torch.tensor(weights, dtype=torch.float64) * torch.tensor([10.0, 11.0, 10.0, 10.0])
     assert torch.allclose(share, expected / expected.sum(), atol=0.01)
+
+
+def test_a_rank_routed_to_twice_counts_once():
+    w, rank, tokens = 8, 0, 40_000
+    ids = torch.tensor([[6, 7, 10]]).expand(tokens, 3)  # rank 3 twice (epr 2), rank 5 once
+    share = torch.bincount(choose(ids, [0] * 9, [0, 0, 0, 1, 0, 1, 0, 0], make_rule(w, 2, rank)), minlength=w)
+    assert abs(share[3] / tokens - 0.5) < 0.01 and share[3] + share[5] == tokens
 
 
 def test_only_candidates_are_drawn():
     w, epr, rank = 8, 3, 2
     ids = torch.tensor([[0, 4], [22, -1], [-1, -1]])  # ranks {0, 1}, {7}, none
-    rule = make_rule(w, epr, rank)
     for key in range(50):
-        dest = choose_shared_rank(ids, torch.zeros(w + 1, dtype=torch.int64), torch.ones(w, dtype=torch.int64),
-                                  make_rule(w, epr, rank, key=key))
+        dest = choose(ids, [0] * (w + 1), [1] * w, make_rule(w, epr, rank, key=key))
         assert dest[0] in (0, 1, rank) and dest[1] in (7, rank) and dest[2] == rank
-    assert rule.all_ranks is False
 
 
 def test_fallback_prefers_home_unless_a_candidate_is_clearly_lower():
     w, epr, rank = 4, 1, 0
-    ids = torch.tensor([[1, 2], [1, 3]])
-    no_weight = torch.zeros(w, dtype=torch.int64)
-    # Own load 100; candidate 2 at 95 is not 10 % lower, candidate 3 at 80 is.
-    loads = torch.tensor([100, 200, 95, 80, 0])
-    dest = choose_shared_rank(ids, loads, no_weight, make_rule(w, epr, rank))
-    assert dest.tolist() == [0, 3]
+    ids = torch.tensor([[1, 2], [1, 3], [2, 3]])
+    # Own load 100; candidate 2 at 95 is not 10 % lower, candidate 3 at 80 is (and 3 beats 2).
+    loads = [100, 200, 95, 80, 0]
+    for all_ranks in (False, True):
+        dest = choose(ids, loads, [0] * w, make_rule(w, epr, rank, all_ranks=all_ranks))
+        assert dest.tolist() == ([0, 3, 3] if not all_ranks else [3, 3, 3])
+    ties = choose(torch.tensor([[3, 2]]), [100, 200, 50, 50, 0], [0] * w, make_rule(w, epr, rank))
+    assert ties.tolist() == [2]  # equal loads: the lower rank
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_excess_weights_keep_the_fair_share_and_send_the_rest_where_there_is_room(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = int(torch.randint(2, 20, (1,), generator=gen))
+    load = torch.randint(0, 10_000, (w,), generator=gen)
+    shared = int(load.sum()) // 4
+    loads = torch.cat([load, torch.tensor([shared])])
+    deficit = (water_level(load.double(), shared) - load.double()).clamp(min=0)
+    share = shared / w
+    room = (deficit - share).clamp(min=0)
+    # Expected shared load per rank if every rank sends by its own weights: its deficit.
+    received = torch.zeros(w, dtype=torch.float64)
+    for rank in range(w):
+        weights = excess_weights(loads, rank).double()
+        p = weights / weights.sum()
+        if deficit[rank] >= share - 1e-6:
+            assert p[rank] == 1.0  # at or below its share of the level: keeps everything
+        else:
+            assert (p[room == 0].sum() - p[rank]).abs() < 1e-9  # sends only to ranks with room
+        received += share * p
+    assert torch.allclose(received, deficit, rtol=0, atol=shared * 2e-3)

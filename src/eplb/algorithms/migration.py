@@ -290,8 +290,8 @@ def move_within_budget(
     """The most balanced placement found at most ``max_moves`` changed slots per layer away.
 
     Per layer, a greedy local search from ``current`` (see :func:`_greedy_moves`) is compared
-    with ``target`` whenever ``target`` is within the budget; the lower max GPU load wins (ties go
-    to ``target``). The result is never worse than ``current`` and, as the greedy path for a
+    with ``target`` whenever ``target`` is within the budget; ``target`` wins only with a lower
+    max GPU load. The result is never worse than ``current`` and, as the greedy path for a
     larger budget extends the one for a smaller budget, does not get worse as the budget grows.
 
     Args:
@@ -302,8 +302,8 @@ def move_within_budget(
         max_moves: the most slots whose expert may change, per layer.
 
     Returns:
-        ``[L, P]`` int64 phy2log; every expert keeps at least one replica, and no GPU receives a
-        second replica of an expert it holds.
+        ``[L, P]`` int64 phy2log; every expert keeps at least one replica, and the greedy moves
+        never give a GPU a second replica of an expert it holds (``target`` is taken as it is).
     """
     num_experts = load.shape[1]
     weight = torch.cat([load.to(torch.float64), load.new_zeros(load.shape[0], 1, dtype=torch.float64)], dim=1)
@@ -312,7 +312,7 @@ def move_within_budget(
     reachable = (target != current).sum(1) <= max_moves
     tgt_max = _max_gpu_load(_with_empty_id(target, num_experts), weight, num_gpus)
     greedy_max = _max_gpu_load(_with_empty_id(greedy, num_experts), weight, num_gpus)
-    take_target = reachable & (tgt_max <= greedy_max * (1 + _RTOL))
+    take_target = reachable & (tgt_max < greedy_max * (1 - _RTOL))
     return torch.where(take_target[:, None], target, greedy)
 
 
@@ -514,15 +514,19 @@ def _replacements(state: _State, slot: torch.Tensor, expert: torch.Tensor, allow
     lose = _at(state.weight, old) / (_at(state.count, old) - 1).clamp(min=1)
     new_side = _at(state.held, expert) * (gain - _at(state.per_replica, expert))[..., None]
     old_side = _at(state.held, old) * (lose - _at(state.per_replica, old))[..., None]
+    old_side.scatter_add_(3, gpu_of[..., None], -lose[..., None])
+    # All but the incoming replica; that one (gain >= 0) only adds to the slot's own GPU, so it
+    # is added to that column's value instead of to a copy of the whole [L, X, Y, G] tensor.
     after = (state.gpu[:, None, None, :] + new_side) + old_side
     shape = after.shape[:3]
-    after.scatter_add_(3, gpu_of.expand(shape)[..., None], (gain - lose).expand(shape)[..., None])
+    at_slot_gpu = after.gather(3, gpu_of.expand(shape)[..., None]).squeeze(3)
+    new_max = torch.maximum(after.amax(3), at_slot_gpu + gain)
+    squares = torch.linalg.vector_norm(after, dim=3) ** 2 + (2 * at_slot_gpu + gain) * gain
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.expand(shape).reshape(num_layers, -1)
 
-    squares = torch.linalg.vector_norm(after, dim=3) ** 2
-    return _Moves(flat(slot), flat(expert), flat(slot), flat(expert), flat(after.amax(3)), flat(squares), flat(valid))
+    return _Moves(flat(slot), flat(expert), flat(slot), flat(expert), flat(new_max), flat(squares), flat(valid))
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -545,7 +549,7 @@ def _swaps(state: _State) -> _Moves:
     num_layers, width, num_gpus = state.held.shape
     row, gpu, hot = state.row, state.gpu, state.hot
     per_gpu = state.hot_slots.shape[1]
-    partners = gpu.topk(min(_SWAP_PARTNERS, num_gpus - 1), dim=1, largest=False).indices  # never the hottest
+    partners = gpu.topk(min(_SWAP_PARTNERS, num_gpus - 1), dim=1, largest=False).indices
     q = (partners[:, :, None] * per_gpu + torch.arange(per_gpu)).reshape(num_layers, 1, -1)  # [L, 1, Q]
     q_gpu = q // per_gpu
     hot3 = hot[:, None, None]
@@ -554,7 +558,8 @@ def _swaps(state: _State) -> _Moves:
     empty_id = width - 1
     held = state.held.flatten(1)
     valid = (
-        (a != b)
+        (q_gpu != hot3)  # when all loads tie, the hottest GPU can be among the coolest
+        & (a != b)
         & ((b == empty_id) | (_at(held, b * num_gpus + hot3) == 0))
         & ((a == empty_id) | (_at(held, a * num_gpus + q_gpu) == 0))
     )

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.dispatch.hashing import MUL1, MUL2, UNIFORM_BITS, UNIFORM_ONE
+from eplb.dispatch.hashing import MUL1, MUL2, UNIFORM_BITS
 from eplb.dispatch.reference import Mode
 
 BLOCK = 1024
@@ -24,21 +24,21 @@ BLOCK = 1024
 _MUL1 = tl.constexpr(MUL1)
 _MUL2 = tl.constexpr(MUL2)
 _UNIFORM_BITS = tl.constexpr(UNIFORM_BITS)
-_UNIFORM_ONE = tl.constexpr(UNIFORM_ONE)
 
 
 def _remap_kernel(
-    ids_ptr, out_ptr, slots_ptr, aux_ptr, num_entries, key,
+    ids_ptr, out_ptr, slots_ptr, counts_ptr, threshold_ptr, alias_ptr, num_entries, key,
     X: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_entries
     ids = tl.load(ids_ptr + offs, mask=in_range, other=-1)
     routed = ids >= 0
+    live = in_range & routed
     expert = tl.where(routed, ids, 0).to(tl.int64)
-    # Only builtins below (no tl.sum / tl.zeros_like): those are jit functions, which the
+    # Only builtins here (no tl.sum / tl.zeros_like): those are jit functions, which the
     # interpreter can run only when TRITON_INTERPRET was set before triton was imported.
-    replica = expert * 0
+    cell = expert * X
     if MODE != 0:
         h = offs.to(tl.uint32) ^ key.to(tl.uint32)
         h ^= h >> 16
@@ -46,15 +46,16 @@ def _remap_kernel(
         h ^= h >> 15
         h *= _MUL2
         h ^= h >> 16
-        if MODE == 1:
-            count = tl.load(aux_ptr + expert, mask=in_range, other=1).to(tl.uint32)
-            replica = (h % count).to(tl.int64)
-        else:
-            u = (h >> (32 - _UNIFORM_BITS)).to(tl.int32)
-            for j in tl.static_range(X):
-                threshold = tl.load(aux_ptr + expert * X + j, mask=in_range, other=_UNIFORM_ONE)
-                replica += (u >= threshold).to(tl.int64)
-    slot = tl.load(slots_ptr + expert * X + replica, mask=in_range & routed, other=-1)
+        count = tl.load(counts_ptr + expert, mask=live, other=1).to(tl.uint32)
+        cell += (h % count).to(tl.int64)
+    # The weighted policy's three reads share one address, so they issue together: its
+    # latency is the hash policy's chain (count, then slot) plus one select.
+    slot = tl.load(slots_ptr + cell, mask=live, other=-1)
+    if MODE == 2:
+        threshold = tl.load(threshold_ptr + cell, mask=live, other=0)
+        alias = tl.load(alias_ptr + cell, mask=live, other=-1)
+        u = (h >> (32 - _UNIFORM_BITS)).to(tl.int32)
+        slot = tl.where(u < threshold, slot, alias)
     tl.store(out_ptr + offs, tl.where(routed, slot, -1), mask=in_range)
 
 
@@ -68,8 +69,16 @@ def _compiled(interpret: bool) -> Any:
     return triton.jit(_remap_kernel, do_not_specialize=["key"])
 
 
-def remap_triton(mode: Mode, topk_ids: torch.Tensor, slots: torch.Tensor, aux: torch.Tensor, key: int) -> torch.Tensor:
-    """Same contract as ``remap_torch``; ``slots`` and ``aux`` must be contiguous."""
+def remap_triton(
+    mode: Mode,
+    topk_ids: torch.Tensor,
+    slots: torch.Tensor,
+    counts: torch.Tensor,
+    threshold: torch.Tensor,
+    alias: torch.Tensor,
+    key: int,
+) -> torch.Tensor:
+    """Same contract as ``remap_torch``; the tables must be contiguous."""
     ids = topk_ids.contiguous()
     out = torch.empty_like(ids)
     n = ids.numel()
@@ -78,7 +87,7 @@ def remap_triton(mode: Mode, topk_ids: torch.Tensor, slots: torch.Tensor, aux: t
     width = slots.shape[1]
     kernel = _compiled(not ids.is_cuda)
     kernel[(triton.cdiv(n, BLOCK),)](
-        ids, out, slots, aux, n, key,
+        ids, out, slots, counts, threshold, alias, n, key,
         X=width, MODE=int(mode), BLOCK=BLOCK,
     )
     return out

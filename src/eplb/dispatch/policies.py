@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from eplb.dispatch.hashing import UNIFORM_ONE, layer_key
+from eplb.dispatch.alias import alias_table
+from eplb.dispatch.hashing import layer_key
 from eplb.dispatch.reference import Mode, remap_torch
 from eplb.errors import EplbError
 from eplb.placement import Placement
@@ -22,11 +23,15 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 class _Dispatch:
-    """The shared remap: subclasses fill ``_slots [L, E, X]``, ``_aux`` and ``_mode``."""
+    """The shared remap: subclasses set ``_mode`` and fill ``_slots [L, E, X]`` and, as their
+    mode needs them, ``_counts [L, E]``, ``_threshold`` and ``_alias [L, E, X]`` (see
+    ``remap_torch``); the tables a mode ignores are ``_slots`` itself."""
 
     _mode: Mode
     _slots: torch.Tensor
-    _aux: torch.Tensor
+    _counts: torch.Tensor
+    _threshold: torch.Tensor
+    _alias: torch.Tensor
 
     def __init__(self, placement: Placement, seed: int, device: Any) -> None:
         if not isinstance(placement, Placement):
@@ -62,7 +67,8 @@ class _Dispatch:
                 f"topk_ids is on {topk_ids.device} but the dispatch tables are on {self.device}; "
                 f"build the dispatcher with device={str(topk_ids.device)!r}"
             )
-        args = (self._mode, topk_ids, self._slots[layer], self._aux[layer], self._keys[layer])
+        tables = (self._slots, self._counts, self._threshold, self._alias)
+        args = (self._mode, topk_ids, *(table[layer] for table in tables), self._keys[layer])
         if _use_triton(backend, topk_ids):
             from eplb.dispatch.kernel import remap_triton
 
@@ -110,7 +116,8 @@ class StaticDispatch(_Dispatch):
         self.rank = rank
         table = static_tables(placement)[rank]
         self._slots = table.unsqueeze(-1).to(self.device, torch.int32).contiguous()
-        self._aux = self._slots[..., 0]
+        self._counts = self._slots[..., 0]
+        self._threshold = self._alias = self._slots
 
 
 class HashDispatch(_Dispatch):
@@ -132,16 +139,19 @@ class HashDispatch(_Dispatch):
     def __init__(self, placement: Placement, seed: int = 0, device: Any = None) -> None:
         super().__init__(placement, seed, device)
         self._slots = placement.log2phy.to(self.device, torch.int32).contiguous()
-        self._aux = placement.logcnt.to(self.device, torch.int32).contiguous()
+        self._counts = placement.logcnt.to(self.device, torch.int32).contiguous()
+        self._threshold = self._alias = self._slots
 
 
 class WeightedDispatch(_Dispatch):
     """Entry ``i`` goes to replica ``x`` of its expert with probability ``probs[l, e, x]``.
 
-    The draw is the deterministic uniform ``u = h(i, l) >> 8`` in ``[0, 2**24)`` (see
-    ``eplb.dispatch.hashing``), compared with integer cumulative thresholds, so it is
-    reproducible, rank-invariant and CUDA-graph safe; probabilities are quantised to
-    multiples of ``2**-24``.
+    The draw is Walker's alias method (``eplb.dispatch.alias``) driven by the entry's hash
+    ``h(i, l)`` (``eplb.dispatch.hashing``): bucket ``h mod logcnt[l, e]``, then the bucket's
+    own replica if ``h >> 8`` is below its integer threshold, else its alias. It costs the
+    same whatever the number of replicas, and is reproducible, rank-invariant and CUDA-graph
+    safe; probabilities are quantised to multiples of ``2**-24 / logcnt[l, e]``. With equal
+    weights every bucket keeps its own replica, so the draw is exactly ``HashDispatch``'s.
 
     Args:
         placement: the expert placement.
@@ -156,7 +166,9 @@ class WeightedDispatch(_Dispatch):
     def __init__(self, placement: Placement, probs: Any, seed: int = 0, device: Any = None) -> None:
         super().__init__(placement, seed, device)
         self._slots = placement.log2phy.to(self.device, torch.int32).contiguous()
-        self._aux = torch.empty_like(self._slots)
+        self._counts = placement.logcnt.to(self.device, torch.int32).contiguous()
+        self._threshold = torch.empty_like(self._slots)
+        self._alias = torch.empty_like(self._slots)
         self.set_probs(probs)
 
     @classmethod
@@ -170,40 +182,15 @@ class WeightedDispatch(_Dispatch):
         return cls(placement, solve_weights(placement, load, **solver), seed=seed, device=device)
 
     def set_probs(self, probs: Any) -> None:
-        """Replace the weights in place (graphs captured earlier use the new ones)."""
-        self._aux.copy_(thresholds(self.placement, probs))
+        """Replace the weights in place (graphs captured earlier use the new ones).
 
-
-def thresholds(placement: Placement, probs: Any) -> torch.Tensor:
-    """``[L, E, X]`` int32 cumulative thresholds out of ``2**24`` for replica weights ``probs``.
-
-    Replica ``x`` is drawn when ``thresholds[x - 1] <= u < thresholds[x]``; from the last
-    replica with positive weight on, the threshold is ``2**24``, which ``u`` never reaches.
-    """
-    log2phy = placement.log2phy
-    try:
-        p = torch.as_tensor(probs).detach().to("cpu", torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise EplbError(f"probs is not a numeric array ({exc}); pass an [L, E, X] float tensor") from None
-    if p.shape != log2phy.shape:
-        raise EplbError(
-            f"probs has shape {tuple(p.shape)} but the placement's log2phy is {tuple(log2phy.shape)}; "
-            "pass one weight per replica, as solve_weights returns"
-        )
-    if not torch.isfinite(p).all() or (p < 0).any():
-        raise EplbError("probs has negative, NaN or infinite entries; weights must be finite and >= 0")
-    if (p[log2phy < 0] != 0).any():
-        raise EplbError("probs puts weight on padding (log2phy == -1); set those entries to 0")
-    total = p.sum(-1, keepdim=True)
-    if (total <= 0).any():
-        layer, expert = (int(i) for i in (total[..., 0] <= 0).nonzero()[0])
-        raise EplbError(
-            f"expert {expert} of layer {layer} has all-zero replica weights; give every expert a positive weight"
-        )
-    # After the last positive weight the running sum equals the total exactly, so the
-    # threshold there is exactly 2**24 and zero-weight replicas are never drawn.
-    cum = (p.cumsum(-1) / total * UNIFORM_ONE).round()
-    return cum.to(torch.int32)
+        The alias table is built on the CPU (tens of milliseconds at DeepSeek-V3 scale, see
+        ``eplb.dispatch.alias``) and copied into the existing device tensors, whose addresses a
+        captured graph holds.
+        """
+        threshold, alias = alias_table(self.placement, probs)
+        self._threshold.copy_(threshold)
+        self._alias.copy_(alias)
 
 
 def static_tables(placement: Placement) -> torch.Tensor:

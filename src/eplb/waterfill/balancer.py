@@ -26,6 +26,7 @@ from eplb.waterfill.reference import MAX_EP_SIZE, Rule, Source
 
 MODES = ("static", "dynamic")
 CANDIDATES = ("routed", "all")
+MOVES = ("excess", "all")
 BACKENDS = ("auto", "torch", "triton")
 # Static loads are rescaled to integers summing to about this: fine enough for the weights
 # (WEIGHT_BITS) and far from int64 overflow in the water level.
@@ -78,6 +79,12 @@ class WaterfillBalancer:
         min_tile_tokens: a rank expected to receive fewer shared tokens than this over the whole
             step gets none (e.g. 128, a GEMM tile); 0 turns the rule off.
         local_preference: the own rank's weight relative to a remote one (SGLang: 11/10).
+        move: which shared tokens may leave their rank. ``"excess"`` (the default where it
+            applies: static mode with ``rank_load``, no ``prior_tokens``, no tile rule): a rank
+            at or below the water level keeps all of them, one above keeps its fair share and
+            sends the rest to the ranks with room (``reference.excess_weights``). ``"all"``:
+            every token samples a rank in proportion to the deficits (SGLang's rule; the default
+            elsewhere).
         group: dynamic mode: the ``torch.distributed`` EP group (default: the world).
         all_reduce: dynamic mode: a function that sums an int64 tensor over the EP ranks, in
             place or returning the sum, instead of ``torch.distributed.all_reduce`` (an engine's
@@ -107,6 +114,7 @@ class WaterfillBalancer:
         min_batch: int = 64,
         min_tile_tokens: int = 0,
         local_preference: float = 1.1,
+        move: str | None = None,
         group: Any = None,
         all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
         backend: str = "auto",
@@ -144,6 +152,7 @@ class WaterfillBalancer:
             remote_weight=pref.denominator,
             min_tile_tokens=_whole("min_tile_tokens", min_tile_tokens, 0),
         )
+        self.move = self._validate_move(move)
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     # Construction ------------------------------------------------------------------------
@@ -184,6 +193,22 @@ class WaterfillBalancer:
                 "balance on each batch's own counts"
             )
         return torch.round(load / load.sum() * PRIOR_SCALE).to(torch.int64)
+
+    @property
+    def _fixed_tables(self) -> bool:
+        """Fixed loads without the tile rule give fixed rank tables, built once per top-k width."""
+        return self._prior is not None and self.prior_tokens is None and self.rule.min_tile_tokens == 0
+
+    def _validate_move(self, move: Any) -> str:
+        fixed = self._fixed_tables
+        if move is None:
+            return "excess" if fixed else "all"
+        if _choice("move", move, MOVES) == "excess" and not fixed:
+            raise EplbError(
+                "move='excess' needs fixed recorded loads: static mode with rank_load, without prior_tokens "
+                "and min_tile_tokens; drop those settings or use move='all'"
+            )
+        return move
 
     @staticmethod
     def _validate_scaling(factor: Any) -> float:
@@ -242,6 +267,8 @@ class WaterfillBalancer:
             return self._run(ids, weights, self.global_counts(ids), Source.GLOBAL, local_only)
         if self._prior is None:
             return self._run(ids, weights, None, Source.BATCH, local_only)
+        if self._fixed_tables:
+            return self._run(ids, weights, None, Source.PRIOR, local_only)
         source = Source.PRIOR if self.prior_tokens is None else Source.BATCH
         return self._run(ids, weights, self._prior_loads(ids.shape[1], ids.device), source, local_only)
 
@@ -327,32 +354,52 @@ class WaterfillBalancer:
             self._buffers[key] = make()
         return self._buffers[key]
 
-    def _prior_loads(self, k: int, device: torch.device) -> torch.Tensor:
+    def _prior_loads_cpu(self, k: int) -> torch.Tensor:
         """``[W + 1]``: the recorded rank loads and their shared load, or, with ``prior_tokens``,
         the same scaled to pseudo-counts of that many tokens."""
+        prior = self._prior
+        if self.prior_tokens is not None:
+            # prior sums to PRIOR_SCALE; as pseudo-counts it sums to prior_tokens * k entries.
+            prior = torch.round(prior.double() * (self.prior_tokens * k / PRIOR_SCALE)).to(torch.int64)
+        # Each token has k routed entries and one shared, so the shared load is the routed total / k.
+        return torch.cat([prior, (prior.sum() // k).reshape(1)])
+
+    def _prior_loads(self, k: int, device: torch.device) -> torch.Tensor:
+        return self._buffer(("prior", k, device), lambda: self._prior_loads_cpu(k).to(device))
+
+    def _tables(self, k: int, device: torch.device) -> torch.Tensor:
+        """``[2, W]`` fixed ``reference.rank_tables`` of the recorded loads, built on the host."""
 
         def make() -> torch.Tensor:
-            prior = self._prior
-            if self.prior_tokens is not None:
-                # prior sums to PRIOR_SCALE; as pseudo-counts it sums to prior_tokens * k entries.
-                prior = torch.round(prior.double() * (self.prior_tokens * k / PRIOR_SCALE)).to(torch.int64)
-            # Each token has k routed entries and one shared, so the shared load is the routed total / k.
-            return torch.cat([prior, (prior.sum() // k).reshape(1)]).to(device)
+            loads = self._prior_loads_cpu(k)
+            if self.move == "excess":
+                weights = reference.excess_weights(loads, self.rank)
+            else:
+                weights = reference.rank_weights(loads, loads[-1], 0)
+            return reference.rank_tables(weights, loads, self.rule).to(device)
 
-        return self._buffer(("prior", k, device), make)
+        return self._buffer(("tables", k, device), make)
 
     def _run(self, ids, weights, loads, source: Source, local_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = ids.device
+        tables = self._tables(ids.shape[1], device) if self._fixed_tables else None
         if self._use_triton(ids):
             from eplb.waterfill.kernel import waterfill_triton
 
             shared_weight = self._buffer(
-                ("shared_weight", weights.dtype, weights.device),
-                lambda: torch.full((1,), self.rule.shared_weight, dtype=weights.dtype, device=weights.device),
+                ("shared_weight", weights.dtype, device),
+                lambda: torch.full((1,), self.rule.shared_weight, dtype=weights.dtype, device=device),
             )
-            return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only)
+            if tables is None:  # the kernel builds them from this step's loads, into this buffer
+                tables = self._buffer(
+                    ("scratch", device), lambda: torch.zeros(2, self.ep_size, dtype=torch.int64, device=device)
+                )
+                return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only, tables)
+            return waterfill_triton(ids, weights, None, shared_weight, source, self.rule, local_only, tables,
+                                    fixed_tables=True)
         if local_only:
             return reference.expand(ids, weights, self.rank, self.rule)
-        return reference.waterfill_torch(ids, weights, loads, source, self.rule)
+        return reference.waterfill_torch(ids, weights, loads, source, self.rule, tables)
 
     def __repr__(self) -> str:
         if self.mode == "dynamic":
@@ -361,5 +408,5 @@ class WaterfillBalancer:
             source = "static, batch counts" if self._prior is None else "static, recorded loads"
         return (
             f"WaterfillBalancer(slots={self.num_routed_slots}, ep_size={self.ep_size}, rank={self.rank}, "
-            f"{source}, candidates={'all' if self.rule.all_ranks else 'routed'})"
+            f"{source}, move={self.move}, candidates={'all' if self.rule.all_ranks else 'routed'})"
         )

@@ -4,11 +4,12 @@ One call does what the kernel does in one launch:
 
 1. rank loads: ``loads [W + 1]`` int64, the routed load of each of the ``W`` EP ranks and, last,
    the shared load to spread (tokens), in one unit. ``Source`` says where they come from;
-2. rank weights: each rank's deficit below the water level ``T`` (the level at which
-   ``sum_r max(T - load_r, 0)`` equals the shared load), quantised to integers;
-3. choose: each token samples the rank of its shared expert among its candidates (its own rank
-   plus the ranks it already routes to, or every rank), in proportion to the weights, with a
-   preference for its own rank; a per-token hash is the randomness;
+2. rank tables (:func:`rank_tables`): each rank's weight, its share of this rank's shared
+   tokens (:func:`rank_weights` or, for fixed recorded loads, :func:`excess_weights`) times the
+   local preference, and its fallback key; fixed loads give fixed tables, built once on the host;
+3. choose: each token draws the rank of its shared expert among its candidates (its own rank
+   plus the ranks it already routes to, or every rank) in proportion to the weights; a per-entry
+   hash is the randomness; a token whose candidates all weigh 0 takes the fallback;
 4. expand: ``[M, K]`` routed ids and weights become ``[M, K + 1]`` in the expanded layout
    (``eplb.waterfill.layout``), the shared column last.
 
@@ -29,9 +30,8 @@ from eplb.waterfill.layout import expand_routed_ids, shared_slot
 # Rank weights are quantised below 2**WEIGHT_BITS: with a local preference of at most 2**10 / 64
 # and at most MAX_EP_SIZE ranks, a token's weight sum times a 24-bit uniform stays inside int64.
 WEIGHT_BITS = 12
-# Above every real load: marks a rank that is no fallback candidate.
-NO_RANK_LOAD = 1 << 62
-MAX_EP_SIZE = 1 << 16
+# Fallback keys (load order * W + rank) stay below 2**24, so the kernel keeps them in int32.
+MAX_EP_SIZE = 1 << 12
 
 
 class Source(IntEnum):
@@ -67,6 +67,11 @@ class Rule:
     remote_weight: int
     min_tile_tokens: int
 
+    @property
+    def no_fallback(self) -> int:
+        """The fallback key of a rank that is no fallback: above every real key."""
+        return self.ep_size * self.ep_size
+
 
 def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> torch.Tensor:
     """``[W + 1]`` int64: routed entries of this batch per rank, then its tokens with any routed entry.
@@ -90,8 +95,27 @@ def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> t
     return torch.cat([per_rank, tokens])
 
 
+def _water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(deficit [W], count)``: ``deficit = count * max(T - load, 0)`` for the water level ``T``
+    (the level at which ``sum_r max(T - load_r, 0)`` equals the shared load ``loads[-1]``).
+
+    With the loads sorted, the ranks below ``T`` are those whose fill gap
+    ``sum_{i: l_i <= l_r} (l_r - l_i)`` is less than the shared load, a prefix; ``count`` of them,
+    and ``count * T`` is the shared load plus their loads. Integers only and O(W**2) compares (no
+    sort, as in the kernel); the deficit is scaled by ``count`` so that it stays an integer.
+    """
+    load, shared = loads[:-1], loads[-1]
+    below_or_equal = load.unsqueeze(0) <= load.unsqueeze(1)  # [j, i]: l_i <= l_j
+    gap = torch.where(below_or_equal, load.unsqueeze(1) - load.unsqueeze(0), 0).sum(1)
+    top_wet = torch.where(gap < shared, load, -1).max()
+    wet = load <= top_wet
+    count, level = wet.sum(), shared + torch.where(wet, load, 0).sum()
+    return (level - load * count).clamp(min=0), count
+
+
 def rank_weights(loads: torch.Tensor, tokens_this_step: torch.Tensor, min_tile_tokens: int) -> torch.Tensor:
-    """``[W]`` int64 weights proportional to each rank's share of the shared load.
+    """``[W]`` int64 weights proportional to each rank's deficit below the water level (SGLang's
+    rule: every token samples its rank in proportion to them).
 
     Args:
         loads: ``[W + 1]`` int64 routed load per rank, then the shared load, in one unit.
@@ -99,62 +123,110 @@ def rank_weights(loads: torch.Tensor, tokens_this_step: torch.Tensor, min_tile_t
             estimated), which turns a share into a token count for the tile rule.
         min_tile_tokens: ranks whose share is fewer tokens than this get weight 0, except the
             largest, so their few tokens join fuller GEMM tiles elsewhere (0: off).
-
-    Rank ``r``'s share is ``max(T - load_r, 0)`` for the water level ``T``. With the loads sorted,
-    the ranks below ``T`` are those whose fill gap ``sum_{i: l_i <= l_r} (l_r - l_i)`` is less
-    than the shared load, a prefix; ``T`` is the mean of their loads plus the shared load. This
-    finds ``T`` with integers only and O(W**2) compares (no sort, as in the kernel).
     """
-    load, shared = loads[:-1], loads[-1]
-    below_or_equal = load.unsqueeze(0) <= load.unsqueeze(1)  # [j, i]: l_i <= l_j
-    gap = torch.where(below_or_equal, load.unsqueeze(1) - load.unsqueeze(0), 0).sum(1)
-    top_wet = torch.where(gap < shared, load, -1).max()
-    wet = load <= top_wet
-    # deficit * count, so that the level stays an integer: count * T = shared + sum of wet loads.
-    count, level = wet.sum(), shared + torch.where(wet, load, 0).sum()
-    deficit = (level - load * count).clamp(min=0)
+    deficit, _ = _water_level(loads)
     weight = deficit // ((deficit.max() >> WEIGHT_BITS) + 1)
     keep = (weight * tokens_this_step >= min_tile_tokens * weight.sum()) | (weight == weight.max())
     return torch.where(keep, weight, 0)
 
 
-def choose_shared_rank(topk_ids: torch.Tensor, loads: torch.Tensor, weights: torch.Tensor, rule: Rule) -> torch.Tensor:
+def excess_weights(loads: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[W]`` int64 weights that move only the excess of ``rank``'s shared tokens (host-side, for
+    fixed loads).
+
+    Args:
+        loads: ``[W + 1]`` int64 expected routed load per rank, then the shared load; every rank
+            is assumed to hold ``1 / W`` of the shared tokens.
+        rank: the sending rank.
+
+    The balanced end state gives rank ``r`` a shared load equal to its deficit ``d_r`` below the
+    water level. A rank whose own share ``s`` is at most ``d_r`` keeps all its tokens (weight on
+    itself only); a rank above keeps ``d_r / s`` of them and sends the rest to the ranks with room
+    ``c_j = d_j - s > 0``, in proportion to it. So only the excess moves: fewer tokens cross the
+    network than when every token samples by deficit, and a rank below the level adds no
+    sampling noise to its own load.
+    """
+    deficit, count = _water_level(loads)
+    if count == 0:  # no shared load: nothing to move
+        return torch.zeros_like(deficit)
+    d = deficit.double() / count.double()
+    share = float(loads[-1]) / d.numel()
+    room = (d - share).clamp(min=0)
+    if d[rank] >= share or room.sum() <= 0:
+        weight = torch.zeros_like(d)
+        weight[rank] = 1.0
+    else:
+        # P(stay) = d_own / s, P(j) = (1 - d_own / s) * c_j / sum(c); times s * sum(c).
+        weight = (share - d[rank]) * room
+        weight[rank] = d[rank] * room.sum()
+    return torch.floor(weight / weight.max() * ((1 << WEIGHT_BITS) - 1)).to(torch.int64)
+
+
+def rank_tables(weights: torch.Tensor, loads: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """``[2, W]`` int64: per rank, the draw weight and the fallback key.
+
+    Args:
+        weights: ``[W]`` int64 from :func:`rank_weights` or :func:`excess_weights`.
+        loads: ``[W + 1]`` int64 rank loads (the fallback compares them).
+        rule: the settings.
+
+    Row 0 is the weight times the local preference (``local_weight`` for the own rank,
+    ``remote_weight`` for the others). Row 1 ranks the fallbacks of a token whose candidates all
+    weigh 0: an other rank whose load is below the own rank's by the local preference gets key
+    ``order * W + rank`` (``order``: its position by load, ties by rank, so the least-loaded
+    candidate has the smallest key), every other rank ``rule.no_fallback``.
+    """
+    w, rank = rule.ep_size, rule.rank
+    load = loads[:-1]
+    ranks = torch.arange(w, device=load.device)
+    own = ranks == rank
+    drawn = weights * torch.where(own, rule.local_weight, rule.remote_weight)
+    before = (load.unsqueeze(0) < load.unsqueeze(1)) | (
+        (load.unsqueeze(0) == load.unsqueeze(1)) & (ranks.unsqueeze(0) < ranks.unsqueeze(1))
+    )  # [r, j]: rank j comes before rank r
+    order = before.sum(1)
+    lower = ~own & (load * rule.local_weight < load[rank] * rule.remote_weight)
+    return torch.stack([drawn, torch.where(lower, order * w + ranks, rule.no_fallback)])
+
+
+def choose_shared_rank(topk_ids: torch.Tensor, tables: torch.Tensor, rule: Rule) -> torch.Tensor:
     """``[M]`` int64: the rank that runs each token's shared expert.
 
     Args:
         topk_ids: ``[M, K]`` routed slot ids, negative for padding.
-        loads: ``[W + 1]`` int64 rank loads (the fallback compares them).
-        weights: ``[W]`` int64 from :func:`rank_weights`.
+        tables: ``[2, W]`` int64 from :func:`rank_tables`.
         rule: the settings.
 
-    A token draws a candidate with probability proportional to its weight (the own rank's
-    weight scaled by the local preference). If all its candidates weigh 0 (all at or above the
-    water level), it takes the least-loaded other candidate when that one is lower than the own
-    rank's load by the local preference, else its own rank.
+    ``candidates="routed"``: the candidates are the own rank, then the ranks of the token's
+    routed entries in top-k order, each counted once. A weighted reservoir draw (Chao's) walks
+    them in that order: candidate ``k`` replaces the current choice when the 24-bit hash of entry
+    ``(m, k)`` is below ``w_k / (w_own + ... + w_k)``, which picks each with probability ``w_k /
+    total`` in one pass (the kernel keeps O(1) state per token, whatever ``W``).
+    ``candidates="all"``: the 24-bit hash of entry ``(m, 0)`` picks a rank by inverse CDF over
+    all ranks in rank order. A token whose candidates all weigh 0 takes the other candidate with
+    the smallest fallback key, or stays on its own rank when none has one.
     """
-    m, w, rank = topk_ids.shape[0], rule.ep_size, rule.rank
-    device = topk_ids.device
-    ranks = torch.arange(w, device=device)
+    m, k = topk_ids.shape
+    weight, fallback_key = tables
+    uniform = entry_hash(m * k, rule.key, topk_ids.device).view(m, k) >> (32 - UNIFORM_BITS)
     if rule.all_ranks:
-        cand = torch.ones(m, w, dtype=torch.bool, device=device)
+        cumulative = weight.cumsum(0)
+        total = cumulative[-1].expand(m)
+        drawn = (cumulative <= (uniform[:, :1] * total.unsqueeze(1) >> UNIFORM_BITS)).sum(1)
+        key = fallback_key.min().expand(m)
     else:
-        routed = torch.where(topk_ids >= 0, torch.div(topk_ids, rule.slots_per_rank, rounding_mode="floor"), w).long()
-        cand = torch.zeros(m, w + 1, dtype=torch.bool, device=device).scatter_(1, routed, True)[:, :w]
-        cand[:, rank] = True
-    pref = torch.where(ranks == rank, rule.local_weight, rule.remote_weight)
-    w_tok = torch.where(cand, weights * pref, 0)
-    total = w_tok.sum(1)
-    u = (entry_hash(m, rule.key, device) >> (32 - UNIFORM_BITS)) * total >> UNIFORM_BITS
-    drawn = (w_tok.cumsum(1) <= u.unsqueeze(1)).sum(1)
-
-    load = loads[:-1]
-    other = torch.where(cand & (ranks != rank), load, NO_RANK_LOAD)
-    least = other.argmin(1)
-    least_load = other.gather(1, least.unsqueeze(1)).squeeze(1)
-    lower = (least_load < NO_RANK_LOAD) & (
-        torch.where(least_load < NO_RANK_LOAD, least_load, 0) * rule.local_weight < load[rank] * rule.remote_weight
-    )
-    fallback = torch.where(lower, least, rank)
+        ranks = torch.where(topk_ids >= 0, torch.div(topk_ids, rule.slots_per_rank, rounding_mode="floor"), -1).long()
+        repeated = (ranks.unsqueeze(2) == ranks.unsqueeze(1)).tril(-1).any(2)  # equals an earlier column
+        new = (ranks >= 0) & (ranks != rule.rank) & ~repeated
+        safe = ranks.clamp(min=0)
+        w_k = torch.where(new, weight[safe], 0)
+        prefix = weight[rule.rank] + w_k.cumsum(1)
+        replaces = uniform * prefix < (w_k << UNIFORM_BITS)
+        last = torch.where(replaces, torch.arange(k, device=ranks.device), -1).max(1).values
+        drawn = torch.where(last >= 0, ranks.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), rule.rank)
+        total = prefix[:, -1]
+        key = torch.where(new, fallback_key[safe], rule.no_fallback).min(1).values
+    fallback = torch.where(key < rule.no_fallback, key % rule.ep_size, rule.rank)
     return torch.where(total > 0, drawn, fallback)
 
 
@@ -193,6 +265,7 @@ def waterfill_torch(
     loads: torch.Tensor | None,
     source: Source,
     rule: Rule,
+    tables: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Count, choose and expand (see the module docstring).
 
@@ -203,11 +276,14 @@ def waterfill_torch(
         source: where the loads come from; ``GLOBAL`` loads also give the exact step token count,
             the others estimate it as the local tokens times ``W``.
         rule: the settings.
+        tables: ``[2, W]`` fixed :func:`rank_tables` (then ``loads`` is unused), or ``None`` to
+            build them from this step's loads with :func:`rank_weights`.
     """
-    counts = local_counts(topk_ids, rule.slots_per_rank, rule.ep_size)
-    if source == Source.BATCH:
-        loads = counts if loads is None else counts + loads
-    tokens = loads[-1] if source == Source.GLOBAL else counts[-1] * rule.ep_size
-    weights = rank_weights(loads, tokens, rule.min_tile_tokens)
-    dest = choose_shared_rank(topk_ids, loads, weights, rule)
+    if tables is None:
+        counts = local_counts(topk_ids, rule.slots_per_rank, rule.ep_size)
+        if source == Source.BATCH:
+            loads = counts if loads is None else counts + loads
+        tokens = loads[-1] if source == Source.GLOBAL else counts[-1] * rule.ep_size
+        tables = rank_tables(rank_weights(loads, tokens, rule.min_tile_tokens), loads, rule)
+    dest = choose_shared_rank(topk_ids, tables, rule)
     return expand(topk_ids, topk_weights, dest, rule)

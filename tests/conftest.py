@@ -8,6 +8,9 @@ from typing import Callable
 import pytest
 import torch
 
+# CI has 2 cores and the planners work on small tensors: torch's intra-op threads only contend.
+torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The data lives beside the repository, never in it (one set has no stated license).
 REAL_DATA = REPO_ROOT.parent / "shared" / "eplb_real_data"

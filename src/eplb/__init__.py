@@ -11,6 +11,8 @@ import importlib
 from typing import Any
 
 from eplb.algorithms.deepseek import rebalance_experts
+from eplb.algorithms.engine import EngineConfig
+from eplb.algorithms.migration import MigrationCost, migration_cost
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate, lower_bound
 from eplb.placement import Placement
@@ -32,12 +34,15 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BalanceReport",
+    "EngineConfig",
     "EplbError",
     "ExpertLoadRecorder",
+    "MigrationCost",
     "Placement",
     "WaterfillBalancer",
     "evaluate",
     "lower_bound",
+    "migration_cost",
     "plan",
     "rebalance_experts",
 ]

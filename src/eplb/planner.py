@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional
 
 import torch
 
 from eplb import algorithms
 from eplb.algorithms import migration
-from eplb.algorithms.base import Algorithm, PlanSpec
+from eplb.algorithms.base import Algorithm, PlanSpec, is_count
 from eplb.errors import EplbError
 from eplb.loads import as_history, dense_layers
-from eplb.metrics import evaluate
 from eplb.placement import Placement
 
 
@@ -26,6 +24,7 @@ def plan(
     algorithm: str = "auto",
     current: Optional[Placement] = None,
     max_moves: Optional[int] = None,
+    config: Any = None,
 ) -> Placement:
     """Plan replication and placement of experts.
 
@@ -38,8 +37,10 @@ def plan(
         num_nodes: ``N``, nodes; a divisor of ``G``.
         num_groups: the router's expert groups (needed by the hierarchical policies).
         algorithm: a name from ``eplb.algorithms.names()``, or ``"auto"``: every candidate that
-            supports the spec is run and the one with the lowest mean max/mean GPU load on ``load``
-            wins (ties go to the earlier candidate in ``eplb.algorithms.AUTO_ORDER``).
+            supports the spec is run and the one with the lowest max/mean GPU load on ``load``
+            wins, averaged over layers and over the steps of a history (a step waits for its
+            slowest GPU, so each step is scored on its own); ties go to the earlier candidate
+            in ``eplb.algorithms.AUTO_ORDER``.
         current: the placement now serving (same layers, experts, slots, GPUs and nodes). The
             planned placement is re-labelled (GPUs within nodes, slots within GPUs: balance is
             unchanged) to keep as many slots as possible holding the same expert. Layers without
@@ -48,6 +49,8 @@ def plan(
             copies one expert's weights): the result is the most balanced placement found within
             that budget, never worse than ``current`` on ``load``; ``0`` returns ``current``.
             None: no bound. See ``eplb.algorithms.migration.migration_cost`` to count moves.
+        config: the knobs of an algorithm that has some (e.g. ``EngineConfig`` of ``"eplb"``);
+            with ``"auto"`` it goes to the candidate it belongs to.
 
     Returns:
         A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
@@ -61,11 +64,16 @@ def plan(
     max_moves = migration.check_max_moves(max_moves, current)
     filled = _fill_dense_layers(history)
     if algorithm == "auto":
-        target = _plan_auto(filled, spec)
+        target = _plan_auto(filled, spec, config)
     else:
         algo = algorithms.get(algorithm)
         algo.check(spec, num_experts)
-        target = _run(algo, filled, spec)
+        if config is not None and not _takes(algo, config):
+            raise EplbError(
+                f"algorithm {algo.name!r} takes no {type(config).__name__}; pass config only with "
+                f"the algorithm it belongs to ({_owners(config)})"
+            )
+        target = _run(algo, filled, spec, config)
     if current is None:
         return target
     return migration.migrate(current, target, history, max_moves)
@@ -75,7 +83,7 @@ def check_spec(spec: PlanSpec, num_experts: int) -> None:
     """The checks every algorithm shares; each error names the fix."""
     for name in ("num_gpus", "num_slots", "num_nodes"):
         value = getattr(spec, name)
-        if not _is_count(value):
+        if not is_count(value):
             raise EplbError(f"{name} must be a positive integer, got {value!r}")
     if spec.num_slots % spec.num_gpus != 0:
         raise EplbError(
@@ -93,18 +101,13 @@ def check_spec(spec: PlanSpec, num_experts: int) -> None:
             "use a GPU count that is a multiple of the node count"
         )
     if spec.num_groups is not None:
-        if not _is_count(spec.num_groups):
+        if not is_count(spec.num_groups):
             raise EplbError(f"num_groups must be a positive integer or None, got {spec.num_groups!r}")
         if num_experts % spec.num_groups != 0:
             raise EplbError(
                 f"{num_experts} experts cannot be split into {spec.num_groups} equal groups; "
                 "pass the router's real group count (it divides the expert count)"
             )
-
-
-def _is_count(value: Any) -> bool:
-    # numpy and torch integers are counts; bool is not (True would silently mean 1).
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _round_up(x: int, m: int) -> int:
@@ -119,13 +122,35 @@ def _fill_dense_layers(history: torch.Tensor) -> torch.Tensor:
     return torch.where(dense[None, :, None], 1.0, history)
 
 
-def _run(algo: Algorithm, history: torch.Tensor, spec: PlanSpec) -> Placement:
-    phy2log = algo.fn(history, spec)
+def _takes(algo: Algorithm, config: Any) -> bool:
+    return algo.config_type is not None and isinstance(config, algo.config_type)
+
+
+def _owners(config: Any) -> str:
+    owners = [a.name for a in algorithms.ALGORITHMS.values() if _takes(a, config)]
+    return ", ".join(owners) or "none"
+
+
+def _run(algo: Algorithm, history: torch.Tensor, spec: PlanSpec, config: Any = None) -> Placement:
+    phy2log = algo.fn(history, spec) if config is None else algo.fn(history, spec, config=config)
     return Placement(phy2log, num_experts=history.shape[-1], num_gpus=spec.num_gpus,
                      num_nodes=spec.num_nodes, algorithm=algo.name)
 
 
-def _plan_auto(history: torch.Tensor, spec: PlanSpec) -> Placement:
+def auto_score(placement: Placement, history: torch.Tensor) -> float:
+    """What ``algorithm="auto"`` minimises: max/mean GPU load averaged over loaded layers and steps."""
+    gpu = placement.gpu_load(history)  # [T, L, G]
+    peak, mean = gpu.amax(-1), gpu.mean(-1)
+    loaded = peak > 0
+    return float((peak[loaded] / mean[loaded]).mean()) if bool(loaded.any()) else 1.0
+
+
+def _plan_auto(history: torch.Tensor, spec: PlanSpec, config: Any) -> Placement:
+    if config is not None and not any(_takes(algorithms.get(n), config) for n in algorithms.AUTO_ORDER):
+        raise EplbError(
+            f"no candidate of algorithm='auto' takes a {type(config).__name__}; name its algorithm "
+            f"({_owners(config)}) instead"
+        )
     best: Optional[Placement] = None
     best_score = float("inf")
     for name in algorithms.AUTO_ORDER:
@@ -134,8 +159,8 @@ def _plan_auto(history: torch.Tensor, spec: PlanSpec) -> Placement:
             algo.check(spec, history.shape[-1])
         except EplbError:
             continue
-        candidate = _run(algo, history, spec)
-        score = evaluate(candidate, history).summary()["max_over_mean"]
+        candidate = _run(algo, history, spec, config if _takes(algo, config) else None)
+        score = auto_score(candidate, history)
         if score < best_score:
             best, best_score = candidate, score
     assert best is not None, "the global deepseek policy supports every valid spec"

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from numbers import Integral
+from typing import Any, Callable, Optional
 
 import torch
 
 from eplb.errors import EplbError
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """Whether ``value`` is an integer ``>= minimum``: numpy and torch integers count, bool does not
+    (``True`` would silently mean 1)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
 @dataclass(frozen=True)
@@ -54,16 +61,17 @@ class Algorithm:
         fn: the pure planning function (see ``PlanFn``).
         summary: one line for ``eplb compare`` and the docs.
         uses_load: False for static layouts that ignore the load.
-        auto_candidate: whether ``algorithm="auto"`` tries it.
         check: extra validation of the spec beyond the common checks.
+        config_type: the dataclass of the algorithm's knobs, if it has any; ``fn`` then also
+            takes ``config=`` (``eplb.plan(..., config=...)`` passes it through).
     """
 
     name: str
     fn: PlanFn
     summary: str
     uses_load: bool = True
-    auto_candidate: bool = False
     check: CheckFn = _no_check
+    config_type: Optional[type] = None
 
 
 def require_groups(spec: PlanSpec, num_experts: int) -> int:

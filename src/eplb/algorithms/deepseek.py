@@ -296,12 +296,10 @@ GLOBAL = Algorithm(
     name="deepseek",
     fn=deepseek_global,
     summary="DeepSeek EPLB, global policy: replicate the hottest experts, pack replicas onto GPUs",
-    auto_candidate=True,
 )
 HIERARCHICAL = Algorithm(
     name="deepseek_hierarchical",
     fn=deepseek_hierarchical,
     summary="DeepSeek EPLB, hierarchical policy: expert groups onto nodes, replicate and pack inside each node",
-    auto_candidate=True,
     check=check_hierarchical,
 )

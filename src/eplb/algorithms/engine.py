@@ -722,13 +722,9 @@ def _replica_loads(phy2log: np.ndarray, counts: np.ndarray, mean: np.ndarray, sp
     return np.take_along_axis(mean, phy2log, 1) / c, dev
 
 
-def _plan(load: torch.Tensor, spec: PlanSpec) -> torch.Tensor:
-    return plan_engine(load, spec)
-
-
 ENGINE = Algorithm(
     name="eplb",
-    fn=_plan,
+    fn=plan_engine,
     summary="eplb's engine: hedged replica counts, node- and duplicate-aware packing, swap local search",
-    auto_candidate=True,
+    config_type=EngineConfig,
 )

@@ -16,14 +16,12 @@ serving stalls while it does. Two tools bound that cost:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from eplb.algorithms.base import PlanSpec
+from eplb.algorithms.base import PlanSpec, is_count
 from eplb.errors import EplbError
 from eplb.placement import EMPTY_SLOT, Placement
 
@@ -66,7 +64,7 @@ def migration_cost(current: Placement, new: Placement, bytes_per_expert: Optiona
             ``3 * 7168 * 2048 = 44_040_192``), or None to skip the byte count.
     """
     _check_same_shape(current, new)
-    if bytes_per_expert is not None and not _is_int(bytes_per_expert, minimum=1):
+    if bytes_per_expert is not None and not is_count(bytes_per_expert, minimum=1):
         raise EplbError(
             f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}; "
             "pass the weight bytes of one expert (e.g. 3 * hidden * intermediate * bytes per parameter)"
@@ -123,16 +121,11 @@ def check_max_moves(max_moves: object, current: object) -> Optional[int]:
         return None
     if current is None:
         raise EplbError("max_moves bounds the moves away from a current placement; pass current= as well")
-    if not _is_int(max_moves, minimum=0):
+    if not is_count(max_moves, minimum=0):
         raise EplbError(
             f"max_moves must be a non-negative integer (slots changed per layer) or None, got {max_moves!r}"
         )
     return int(max_moves)  # type: ignore[call-overload]
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    # numpy and torch integers count; bool does not (True would silently mean 1).
-    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
 # Orchestration ------------------------------------------------------------------------------
@@ -232,6 +225,9 @@ def _assign_within_nodes(overlap: np.ndarray, num_nodes: int) -> np.ndarray:
     Returns:
         ``[G]`` int64: the target GPU of each current GPU.
     """
+    # Imported here so that eplb imports without SciPy; only re-labelling needs it.
+    from scipy.optimize import linear_sum_assignment
+
     per_node = overlap.shape[0] // num_nodes
     # blocks[n, m]: the [G/N, G/N] overlap of current node n's GPUs with target node m's.
     blocks = overlap.reshape(num_nodes, per_node, num_nodes, per_node).transpose(0, 2, 1, 3)

@@ -71,6 +71,9 @@ def test_compare_rejects_mismatched_eval(stats, tmp_path, capsys):
         (["plan", "STATS"], "--gpus and --slots"),
         (["plan", "missing.json", "--gpus", "4", "--slots", "16"], "missing.json"),
         (["plan", "--bogus"], "bogus"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "-a", "deepseek", "--risk", "2"], "tune the eplb engine"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "--risk", "-1"], "risk must be"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "--max-moves", "2"], "--current"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(stats, capsys, argv, needle):
@@ -86,3 +89,26 @@ def test_console_script_exit_code(stats):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("eplb: error:") and "Traceback" not in proc.stderr
+
+
+def test_plan_with_engine_knobs_and_traffic(stats, capsys):
+    argv = ["plan", stats, "--gpus", "4", "--slots", "20", "--nodes", "2", "--groups", "4", "--topk-groups", "2",
+            "--top-k", "4", "-a", "eplb", "--locality", "0.5", "--risk", "0"]
+    assert run(argv) == 0
+    text = capsys.readouterr().out
+    assert "remote nodes/token" in text and text.count("\n") > 5
+
+
+def test_plan_from_current_within_budget(stats, tmp_path, capsys):
+    first = tmp_path / "first.json"
+    assert run(["plan", stats, "--gpus", "4", "--slots", "20", "-a", "linear", "-o", str(first)]) == 0
+    capsys.readouterr()
+    second = tmp_path / "second.json"
+    argv = ["plan", stats, "--gpus", "4", "--slots", "20", "--current", str(first), "--max-moves", "2",
+            "--bytes-per-expert", "1000", "-o", str(second)]
+    assert run(argv) == 0
+    assert "GB of weights" in capsys.readouterr().out
+    before = json.loads(first.read_text())["phy2log"]
+    after = json.loads(second.read_text())["phy2log"]
+    changed = [sum(a != b for a, b in zip(row_a, row_b)) for row_a, row_b in zip(before, after)]
+    assert max(changed) <= 2 and sum(changed) > 0

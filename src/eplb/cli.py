@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import click
 import torch
@@ -15,15 +15,18 @@ from rich.table import Table
 
 import eplb
 from eplb import algorithms, io
+from eplb.algorithms.engine import ENGINE, EngineConfig
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
+from eplb.traffic import expected_remote_nodes
 
 T = TypeVar("T")
 
-# A bundled-example cluster: DeepSeek-V3 served with EP32 on 4 nodes of 8 GPUs, 32 redundant slots.
-EXAMPLE_SPEC = {"gpus": 32, "slots": 288, "nodes": 4, "groups": 8}
-
+# The bundled example's cluster: DeepSeek-V3 (top-8 of 256 experts in 8 groups, 4 groups per
+# token) served with EP32 on 4 nodes of 8 GPUs, 32 redundant slots.
+EXAMPLE_SPEC = {"gpus": 32, "slots": 288, "nodes": 4, "groups": 8, "topk_groups": 4}
+ENGINE_FLAGS = "--risk/--half-life/--locality"
 
 
 def _console(stderr: bool = False) -> Console:
@@ -34,21 +37,46 @@ def _console(stderr: bool = False) -> Console:
 
 @dataclass(frozen=True)
 class Request:
+    """One planning job as the options describe it."""
+
     stats: io.LoadFile
     stats_name: str
     gpus: int
     slots: int
     nodes: int
     groups: Optional[int]
+    top_k: int
+    topk_groups: Optional[int]
+    config: Optional[EngineConfig]
+
+    def plan(self, algorithm: str, **kwargs: Any) -> Placement:
+        config = self.config if algorithm in ("auto", ENGINE.name) else None
+        return eplb.plan(self.stats.load, num_gpus=self.gpus, num_slots=self.slots, num_nodes=self.nodes,
+                         num_groups=self.groups, algorithm=algorithm, config=config, **kwargs)
+
+    def traffic(self, placement: Placement, load: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[L]`` expected remote nodes per token, or None on one node (no cross-node traffic)."""
+        if self.nodes == 1:
+            return None
+        grouped = self.groups is not None and self.topk_groups is not None
+        return expected_remote_nodes(placement, load, top_k=self.top_k, num_groups=self.groups if grouped else None,
+                                     groups_per_token=self.topk_groups if grouped else None)
 
 
-def _cluster_options(fn: Callable[..., T]) -> Callable[..., T]:
+def _options(fn: Callable[..., T]) -> Callable[..., T]:
     options = [
         click.argument("stats", required=False, type=click.Path(path_type=str)),
         click.option("--gpus", "-g", type=int, help="GPUs in the expert-parallel group (G)."),
         click.option("--slots", "-p", type=int, help="Physical expert slots over all GPUs (P, a multiple of G)."),
         click.option("--nodes", "-n", type=int, help="Nodes (N, divides G). Default 1."),
         click.option("--groups", "-k", type=int, help="The router's expert groups (DeepSeek-V3: 8)."),
+        click.option("--top-k", type=int, default=8, show_default=True,
+                     help="Experts each token picks (for the cross-node traffic column)."),
+        click.option("--topk-groups", type=int, help="Groups each token picks from (DeepSeek-V3: 4)."),
+        click.option("--risk", type=float, help="eplb engine: standard deviations of load shift to plan for (1.0)."),
+        click.option("--half-life", type=float, help="eplb engine: windows after which a window's weight halves (8)."),
+        click.option("--locality", type=float,
+                     help="eplb engine: 0..1, trade balance for less cross-node traffic (0.25)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -56,19 +84,23 @@ def _cluster_options(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def _request(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-             groups: Optional[int]) -> Request:
+             groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
+             half_life: Optional[float], locality: Optional[float]) -> Request:
     if stats is None:
         # The bundled example comes with the cluster it was recorded for, unless overridden.
         gpus = gpus or EXAMPLE_SPEC["gpus"]
         slots = slots or EXAMPLE_SPEC["slots"]
         nodes = nodes or EXAMPLE_SPEC["nodes"]
         groups = groups or EXAMPLE_SPEC["groups"]
+        topk_groups = topk_groups or EXAMPLE_SPEC["topk_groups"]
         loaded, name = io.read_example(), f"{io.example_path().name} (bundled example)"
     else:
         if gpus is None or slots is None:
             raise EplbError("pass --gpus and --slots for your cluster (e.g. --gpus 32 --slots 288)")
         loaded, name = io.read_load(stats), stats
-    return Request(loaded, name, gpus, slots, nodes or 1, groups)
+    knobs = {k: v for k, v in (("risk", risk), ("half_life", half_life), ("locality", locality)) if v is not None}
+    config = EngineConfig(**knobs) if knobs else None
+    return Request(loaded, name, gpus, slots, nodes or 1, groups, top_k, topk_groups, config)
 
 
 def _timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -77,13 +109,12 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
-def _plan(req: Request, algorithm: str) -> Placement:
-    return eplb.plan(req.stats.load, num_gpus=req.gpus, num_slots=req.slots, num_nodes=req.nodes,
-                     num_groups=req.groups, algorithm=algorithm)
-
-
 def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
+
+
+def _mean_over_loaded(values: torch.Tensor, report: BalanceReport) -> float:
+    return float(values[report.loaded].mean()) if bool(report.loaded.any()) else 0.0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,72 +122,103 @@ def _fmt(x: float, digits: int = 4) -> str:
 def main() -> None:
     """Expert-parallel load balancing for MoE inference.
 
-    STATS is a file of recorded expert loads (SGLang dumps and init files, JSON, CSV, .npy/.npz,
-    safetensors; see README). Without STATS the bundled DeepSeek-V3-0324 MMLU example is used.
+    STATS is a file of recorded expert loads (SGLang dumps and init files, TensorRT-LLM statistics,
+    JSON, CSV, .npy/.npz, .pt, safetensors; FILE#NAME picks a part, e.g. an OLMoE domain). Without
+    STATS the bundled DeepSeek-V3-0324 MMLU example is used.
     """
 
 
 @main.command()
-@_cluster_options
+@_options
 @click.option("--algorithm", "-a", default="auto", show_default=True,
               help="Algorithm name (see `eplb compare`), or auto.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=str), help="Write the placement here.")
 @click.option("--format", "-f", "fmt", type=click.Choice(list(io.PLACEMENT_FORMATS)),
               help="Output format; inferred from the extension when omitted.")
+@click.option("--current", type=click.Path(dir_okay=False, path_type=str),
+              help="The placement now serving (any placement format): keep as many slots as possible.")
+@click.option("--max-moves", type=int, help="With --current: at most this many slots change per layer.")
+@click.option("--bytes-per-expert", type=int, help="Weight bytes of one expert, to report the bytes moved.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Print the per-layer table.")
 def plan(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-         groups: Optional[int], algorithm: str, output: Optional[str], fmt: Optional[str], layers: bool) -> None:
+         groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
+         half_life: Optional[float], locality: Optional[float], algorithm: str, output: Optional[str],
+         fmt: Optional[str], current: Optional[str], max_moves: Optional[int], bytes_per_expert: Optional[int],
+         layers: bool) -> None:
     """Plan replication and placement, print how balanced it is, optionally export it."""
-    req = _request(stats, gpus, slots, nodes, groups)
-    placement, seconds = _timed(lambda: _plan(req, algorithm))
+    req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
+    if req.config is not None and algorithm not in ("auto", ENGINE.name):
+        raise EplbError(f"{ENGINE_FLAGS} tune the eplb engine, not {algorithm}; drop them or use -a eplb")
+    if max_moves is not None and current is None:
+        raise EplbError("--max-moves bounds the change from a placement: pass --current FILE too")
+    serving = io.read_placement(current, num_gpus=req.gpus, num_nodes=req.nodes) if current else None
+    placement, seconds = _timed(lambda: req.plan(algorithm, current=serving, max_moves=max_moves))
     report = evaluate(placement, req.stats.load)
+    traffic = req.traffic(placement, req.stats.load)
+    console = _console()
     if layers:
-        _console().print(_layer_table(req, report))
+        console.print(_layer_table(req, report, traffic))
     summary = report.summary()
-    _console().print(
+    console.print(
         f"[bold]{placement.algorithm}[/] on {req.stats_name}: {req.gpus} GPUs, {req.slots} slots, {req.nodes} nodes; "
         f"max/mean GPU load {_fmt(summary['max_over_mean'])} (worst layer {_fmt(summary['worst_max_over_mean'])}), "
-        f"gap to bound {summary['gap']:.2%}, duplicates {summary['duplicates']}, planned in {seconds * 1e3:.1f} ms"
+        f"gap to bound {summary['gap']:.2%}, duplicates {summary['duplicates']}"
+        + (f", remote nodes/token {_mean_over_loaded(traffic, report):.3f}" if traffic is not None else "")
+        + f", planned in {seconds * 1e3:.1f} ms"
     )
     if req.stats.dense:
-        _console().print(f"dense layers (no load, planned uniformly): {', '.join(map(str, _layer_ids(req, req.stats.dense)))}")
+        ids = [req.stats.layer_ids[r] for r in req.stats.dense]
+        console.print(f"dense layers (no load, planned uniformly): {', '.join(map(str, ids))}")
+    if serving is not None:
+        cost = eplb.migration_cost(serving, placement, bytes_per_expert)
+        before = evaluate(serving, req.stats.load).summary()["max_over_mean"]
+        console.print(
+            f"from {current} (max/mean {_fmt(before)}): {cost.total_moves} slots change, "
+            f"{float(cost.moves.float().mean()):.1f} per layer on average, at most {int(cost.moves.max())}"
+            + (f", {cost.bytes / 1e9:.2f} GB of weights" if cost.bytes is not None else "")
+        )
     if output:
         written = io.write_placement(placement, output, format=fmt, layer_ids=req.stats.layer_ids,
                                      metadata={"stats": req.stats_name, "algorithm": placement.algorithm})
-        _console().print(f"wrote {written}")
+        console.print(f"wrote {written}")
 
 
-def _layer_ids(req: Request, rows: list[int]) -> list[int]:
-    return [req.stats.layer_ids[r] for r in rows]
-
-
-def _layer_table(req: Request, report: BalanceReport) -> Table:
-    table = Table(title="per layer", show_lines=False)
-    for col in ("layer", "max/mean", "balancedness", "gap to bound", "duplicates"):
+def _layer_table(req: Request, report: BalanceReport, traffic: Optional[torch.Tensor]) -> Table:
+    table = Table(title="per layer")
+    columns = ["layer", "max/mean", "balancedness", "gap to bound", "duplicates"]
+    if traffic is not None:
+        columns.append("remote nodes/token")
+    for col in columns:
         table.add_column(col, justify="right")
     for row, layer_id in enumerate(req.stats.layer_ids):
         if not bool(report.loaded[row]):
-            table.add_row(str(layer_id), "dense", "", "", str(int(report.duplicates[row])))
+            table.add_row(str(layer_id), "dense", *[""] * (len(columns) - 2))
             continue
-        table.add_row(
+        cells = [
             str(layer_id),
             _fmt(1.0 / float(report.balancedness[row])),
             _fmt(float(report.balancedness[row])),
             f"{float(report.gap[row]):.2%}",
             str(int(report.duplicates[row])),
-        )
+        ]
+        if traffic is not None:
+            cells.append(f"{float(traffic[row]):.3f}")
+        table.add_row(*cells)
     return table
 
 
 @main.command()
-@_cluster_options
+@_options
 @click.option("--eval", "eval_stats", type=click.Path(path_type=str),
               help="Score on this other workload too (the number to trust: plans meet new traffic).")
 @click.option("--algorithms", "-a", "names", help="Comma-separated algorithms to compare (default: all).")
 def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-            groups: Optional[int], eval_stats: Optional[str], names: Optional[str]) -> None:
-    """Every algorithm side by side: in-sample and held-out balance, gap to the bound, duplicates, time."""
-    req = _request(stats, gpus, slots, nodes, groups)
+            groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
+            half_life: Optional[float], locality: Optional[float], eval_stats: Optional[str],
+            names: Optional[str]) -> None:
+    """Every algorithm side by side: in-sample and held-out balance, gap to the bound, duplicates,
+    cross-node traffic, time."""
+    req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
     held_out = io.read_load(eval_stats) if eval_stats else None
     if held_out is not None and held_out.load.shape[-2:] != req.stats.load.shape[-2:]:
         raise EplbError(
@@ -166,14 +228,16 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
     chosen = [n.strip() for n in names.split(",")] if names else list(algorithms.ALGORITHMS)
     unknown = [n for n in chosen if n not in algorithms.names()]
     if unknown:
-        raise EplbError(f"unknown algorithm {unknown[0]!r}; choose from: {', '.join(algorithms.names())}")
+        raise EplbError(f"unknown algorithm {unknown[0]!r}; choose one of: {', '.join(algorithms.names())}")
 
-    table = Table(title=f"{req.gpus} GPUs, {req.slots} slots, {req.nodes} nodes, fitted on {req.stats_name}")
     columns = ["algorithm", "max/mean", "worst layer", "gap to bound", "duplicates", "plan ms"]
     if held_out is not None:
         columns[3:3] = ["held-out max/mean", "held-out worst"]
+    if req.nodes > 1:
+        columns.insert(-1, "remote nodes/token")
+    table = Table(title=f"{req.gpus} GPUs, {req.slots} slots, {req.nodes} nodes, fitted on {req.stats_name}")
     for col in columns:
-        table.add_column(col, justify="right" if col != "algorithm" else "left")
+        table.add_column(col, justify="left" if col == "algorithm" else "right")
 
     skipped: list[str] = []
     with Progress(console=_console(stderr=True), transient=True) as progress:
@@ -181,43 +245,49 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
         for name in chosen:
             progress.update(task, description=f"planning with {name}")
             try:
-                placement, seconds = _timed(lambda: _plan(req, name))
+                placement, seconds = _timed(lambda: req.plan(name))
             except EplbError as exc:
                 skipped.append(f"{name}: {exc}")
                 table.add_row(name, "n/a", *[""] * (len(columns) - 2))
                 progress.advance(task)
                 continue
-            s = evaluate(placement, req.stats.load).summary()
+            report = evaluate(placement, req.stats.load)
+            s = report.summary()
             cells = [name, _fmt(s["max_over_mean"]), _fmt(s["worst_max_over_mean"]), f"{s['gap']:.2%}",
                      str(s["duplicates"]), f"{seconds * 1e3:.1f}"]
             if held_out is not None:
                 h = evaluate(placement, held_out.load).summary()
                 cells[3:3] = [_fmt(h["max_over_mean"]), _fmt(h["worst_max_over_mean"])]
+            traffic = req.traffic(placement, req.stats.load)
+            if traffic is not None:
+                cells.insert(-1, f"{_mean_over_loaded(traffic, report):.3f}")
             table.add_row(*cells)
             progress.advance(task)
     console = _console()
     console.print(table)
-    console.print("max/mean: max GPU load over mean GPU load, averaged over MoE layers (1.0 is perfect).")
+    console.print("max/mean: max GPU load over mean GPU load, averaged over MoE layers (1.0 is perfect); "
+                  "remote nodes/token: distinct other nodes a token's top-k reaches (eplb.traffic).")
     for line in skipped:
         console.print(f"n/a {line}", highlight=False, markup=False)
 
 
 def run(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; bad input ends in one line on stderr and exit code 2."""
+    err = _console(stderr=True)
     try:
         main.main(args=argv, prog_name="eplb", standalone_mode=False)
     except EplbError as exc:
-        _console(stderr=True).print(f"eplb: error: {exc}", highlight=False, markup=False)
+        err.print(f"eplb: error: {exc}", highlight=False, markup=False)
         return 2
     except click.exceptions.Abort:
-        _console(stderr=True).print("eplb: aborted")
+        err.print("eplb: aborted")
         return 130
     except click.ClickException as exc:
-        _console(stderr=True).print(f"eplb: error: {exc.format_message()}", highlight=False, markup=False)
+        err.print(f"eplb: error: {exc.format_message()}", highlight=False, markup=False)
         return 2
     except OSError as exc:
-        _console(stderr=True).print(f"eplb: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-                                    highlight=False, markup=False)
+        err.print(f"eplb: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), highlight=False,
+                  markup=False)
         return 2
     return 0
 

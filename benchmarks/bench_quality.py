@@ -166,8 +166,8 @@ NOTES = """### Notes
 - Synthetic out of sample: the drift is independent noise per window, which no history predicts, so hedging
   buys nothing and costs a little; on the real sets, where workloads share structure, it pays.
 - Plan times are CPU time of the one thread (`time.process_time`; tables: best of 5), so other jobs on the
-  shared 2-core machine inflate them less than wall-clock; other helpers were running during this run (see the
-  load averages), so they are upper estimates and vary by about +-30% between runs.
+  shared 2-core machine inflate them less than wall-clock; the load averages around the timing table say how
+  busy the machine was, and times vary by about +-30% between runs.
 """
 
 

@@ -152,7 +152,8 @@ def plan(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes:
     if max_moves is not None and current is None:
         raise EplbError("--max-moves bounds the change from a placement: pass --current FILE too")
     serving = io.read_placement(current, num_gpus=req.gpus, num_nodes=req.nodes) if current else None
-    placement, seconds = _timed(lambda: req.plan(algorithm, current=serving, max_moves=max_moves))
+    with _console(stderr=True).status(f"planning with {algorithm}"):
+        placement, seconds = _timed(lambda: req.plan(algorithm, current=serving, max_moves=max_moves))
     report = evaluate(placement, req.stats.load)
     traffic = req.traffic(placement, req.stats.load)
     console = _console()

@@ -127,7 +127,6 @@ def _touched_pairwise(route: torch.Tensor, layer_load: torch.Tensor, top_k: int,
     pairs = pairs * (1 - torch.eye(num_experts, dtype=torch.float64))
     mean = torch.einsum("le,lenm->lnm", layer_load, route) / tokens  # E[X]
     # E[X (X - 1)]: ordered pairs of distinct picks that both land on m.
-    num_nodes = route.shape[-1]
     spread = torch.bmm(pairs, route.flatten(2)).view_as(route)  # sum_f pairs[e, f] route[f]
     both = (route * spread).sum(1) / tokens
     return torch.where(mean > 0, mean**2 / (mean + both).clamp(min=1e-300), 0.0)

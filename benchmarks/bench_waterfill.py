@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATS = REPO.parent / "shared" / "eplb_real_data" / "sglang-dsv3-ep-stats"
 TOKENS, TOP_K, SLOTS, EP = 4096, 8, 288, 16  # the issue's setting: 4096 x top-8, EP16, 288 slots
 LAYERS = 61
+DEFAULT = "static, batch + recorded excess (eplb default)"
 
 
 def skewed_topk(tokens: int, slots: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,15 +74,17 @@ def bench(json_path: str | None) -> None:
     flag = torch.zeros(1, device="cuda")
     add("empty triton kernel (floor)", "-", lambda i: _empty_kernel[(1,)](flag))
     identity = {"all_reduce": lambda t: t}  # dynamic mode minus the collective
+    recorded_only = dict(recorded=True, estimate="recorded")
     variants = [
-        ("static, recorded rank loads (eplb default)", dict(recorded=True)),
-        ("static, recorded loads, move=all (by deficit)", dict(recorded=True, move="all")),
-        ("static, recorded loads + tile rule (128)", dict(recorded=True, min_tile_tokens=128)),
+        (DEFAULT, dict(recorded=True)),
+        ("static, recorded loads only (estimate=recorded)", recorded_only),
+        ("static, recorded loads only, move=all (by deficit)", dict(**recorded_only, move="all")),
+        ("static, recorded loads only + tile rule (128)", dict(**recorded_only, min_tile_tokens=128)),
         ("static, batch counts (SGLang's static rule)", dict()),
-        ("static, recorded loads, candidates=all", dict(recorded=True, candidates="all")),
+        ("static, recorded loads only, candidates=all", dict(**recorded_only, candidates="all")),
         ("dynamic: count kernel + fused kernel, no all-reduce", dict(mode="dynamic", **identity)),
         ("expand only (batch under min_batch)", dict(recorded=True, min_batch=1 << 30)),
-        ("torch backend, static recorded loads", dict(recorded=True, backend="torch")),
+        ("torch backend, static default", dict(recorded=True, backend="torch")),
         ("torch backend, dynamic, no all-reduce", dict(mode="dynamic", backend="torch", **identity)),
     ]
     ids, weights = skewed_topk(TOKENS, SLOTS, "cuda")
@@ -93,20 +96,21 @@ def bench(json_path: str | None) -> None:
         balancers = layers(EP, SLOTS, **kw)
         shape = f"{TOKENS}x{TOP_K} EP{EP} P={SLOTS}"
         add(name, shape, lambda i, bs=balancers: bs[i % LAYERS].expand_topk(ids, weights))
-        if name.startswith("static, recorded rank loads"):
+        if name == DEFAULT:
             add(name + ", 1 call per graph", shape, lambda i, bs=balancers: bs[0].expand_topk(ids, weights), calls=1)
     for ep, slots in ((8, 288), (32, 288), (64, 320)):
-        balancers = layers(ep, slots, recorded=True)
         sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
-        add("static, recorded rank loads", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
-            lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+        for name, kw in ((DEFAULT, dict(recorded=True)), ("static, recorded loads only", recorded_only)):
+            balancers = layers(ep, slots, **kw)
+            add(name, f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
+                lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
         dyn = layers(ep, slots, mode="dynamic", **identity)
         add("dynamic, no all-reduce", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
             lambda i, bs=dyn: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
     for tokens in (128, 16384):
         balancers = layers(EP, SLOTS, recorded=True)
         sized_ids, sized_w = skewed_topk(tokens, SLOTS, "cuda")
-        add("static, recorded rank loads", f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
+        add(DEFAULT, f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
             lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
     # Tokens per program and warps of the fused kernel (module constants): which is fastest here.
     from eplb.waterfill import kernel
@@ -117,7 +121,7 @@ def bench(json_path: str | None) -> None:
         for ep, slots in ((16, 288), (64, 320)):
             balancers = layers(ep, slots, recorded=True)
             sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
-            add(f"static, recorded rank loads, BLOCK_M={block} num_warps={warps}", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
+            add(f"{DEFAULT}, BLOCK_M={block} num_warps={warps}", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
                 lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
     kernel.BLOCK_M, kernel.NUM_WARPS = default
 
@@ -162,13 +166,13 @@ SCENARIOS = {
 }
 
 
-def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]) -> list[dict]:
+def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...], seed: int = 0) -> list[dict]:
     """Mean over layers of per-rank compute max/mean, for every waterfill variant."""
     fit_files, recorded_files, rank_files = SCENARIOS[scenario]
     fit = sum(load_stats(f) for f in fit_files)
     recorded = sum(load_stats(f) for f in recorded_files)
     workloads = [load_stats(f) for f in rank_files]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     results = []
     for ep in eps:
         slots = 256 + ep
@@ -183,12 +187,10 @@ def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]
             return lambda l, r: WaterfillBalancer(slots, ep, r, layer_id=l, backend="torch", **kw)
 
         variants = {
-            "static, recorded loads, move=all (before)": static(move="all"),
-            "static, recorded loads (move=excess)": static(),
-            "static, recorded + batch (prior_tokens=4096)": static(prior_tokens=4096),
+            "static, recorded loads (move=excess)": static(estimate="recorded"),
             "static, batch counts (SGLang)": batch(),
+            "static, batch + recorded excess": static(estimate="batch"),
             "dynamic": batch(mode="dynamic", all_reduce=lambda t: t),
-            "dynamic, candidates=all": batch(mode="dynamic", candidates="all", all_reduce=lambda t: t),
         }
         sums = {"routed only": 0.0, "no waterfill": 0.0, **{v: 0.0 for v in variants}}
         layer_ids = range(0, fit.shape[0], layer_stride)
@@ -232,13 +234,15 @@ def main() -> None:
     parser.add_argument("--layer-stride", type=int, default=8, help="simulate every n-th MoE layer")
     parser.add_argument("--scenario", choices=list(SCENARIOS), action="append", help="default: all")
     parser.add_argument("--ep", type=int, action="append", help="EP sizes (default: 8 16 32 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn tokens (simulation)")
     args = parser.parse_args()
     if args.simulate:
         if not STATS.is_dir():
             sys.exit(f"real DeepSeek-V3 statistics not found at {STATS}")
         t0 = time.time()
         results = [row for scenario in args.scenario or SCENARIOS
-                   for row in simulate(scenario, args.tokens, args.layer_stride, tuple(args.ep or (8, 16, 32, 64)))]
+                   for row in simulate(scenario, args.tokens, args.layer_stride, tuple(args.ep or (8, 16, 32, 64)),
+                                       args.seed)]
         print_table(results)
         print(f"({time.time() - t0:.0f} s)")
         if args.json:

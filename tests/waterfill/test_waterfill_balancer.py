@@ -142,8 +142,8 @@ def static_shares(rank: int, rank_load: list[float], tokens: int = 4000, **kw) -
     """Share of an even batch's shared experts that each rank runs, from ``rank``'s balancer."""
     p, w = 32, 4
     ids, weights = random_topk(tokens, 2, p, seed=5)
-    b = WaterfillBalancer(p, w, rank, rank_load=torch.tensor(rank_load), candidates="all", local_preference=1.0,
-                          backend="torch", **kw)
+    b = WaterfillBalancer(p, w, rank, rank_load=torch.tensor(rank_load), estimate="recorded", candidates="all",
+                          local_preference=1.0, backend="torch", **kw)
     dest = shared_ranks(b.expand_topk(ids, weights)[0], p // w)
     return torch.bincount(dest, minlength=w).double() / len(dest)
 
@@ -164,9 +164,13 @@ def test_static_mode_moves_only_the_excess_of_the_recorded_loads():
     assert static_shares(1, mild)[1] == 1.0
 
 
-def test_move_defaults_to_excess_only_with_fixed_loads():
+def test_estimate_and_move_defaults():
     load = torch.ones(4)
-    assert WaterfillBalancer(32, 4, 0, rank_load=load).move == "excess"
+    assert WaterfillBalancer(32, 4, 0).estimate is None
+    default = WaterfillBalancer(32, 4, 0, rank_load=load)
+    assert (default.estimate, default.move) == ("batch", "all")
+    assert WaterfillBalancer(32, 4, 0, rank_load=load, prior_tokens=10).estimate == "recorded"
+    assert WaterfillBalancer(32, 4, 0, rank_load=load, estimate="recorded").move == "excess"
     assert WaterfillBalancer(32, 4, 0, rank_load=load, prior_tokens=10).move == "all"
     assert WaterfillBalancer(32, 4, 0, rank_load=load, min_tile_tokens=8).move == "all"
     assert WaterfillBalancer(32, 4, 0).move == "all"
@@ -183,12 +187,62 @@ def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
         dest = shared_ranks(WaterfillBalancer(p, w, 0, **kw, **extra).expand_topk(ids, weights)[0], p // w)
         return torch.bincount(dest, minlength=w).double() / len(dest)
 
-    batch_only, records_only = shares(), shares(rank_load=recorded, move="all")  # prior_tokens samples by deficit
+    batch_only = shares()
+    records_only = shares(rank_load=recorded, estimate="recorded", move="all")  # as prior_tokens: by deficit
     assert torch.equal(shares(rank_load=recorded, prior_tokens=0), batch_only)
     assert batch_only[0] < 0.05 and records_only[3] < 0.05
     blended = shares(rank_load=recorded, prior_tokens=2000)  # as many tokens as the batch
     assert (blended - batch_only).abs().sum() > 0.1 and (blended - records_only).abs().sum() > 0.1
     assert torch.allclose(shares(rank_load=recorded, prior_tokens=10**7), records_only, atol=0.01)
+
+
+def test_estimate_batch_is_the_batch_rule_where_the_records_are_level(make_topk):
+    p, w = 64, 8
+    ids, weights = make_topk(600, 4, p, seed=6, skew=2.0)
+    for rank in (0, 5):
+        sglang = WaterfillBalancer(p, w, rank, backend="torch").expand_topk(ids, weights)
+        # Every rank below the recorded water level: no excess, so the batch's counts alone decide.
+        level = WaterfillBalancer(p, w, rank, rank_load=torch.ones(w), estimate="batch", backend="torch")
+        assert all(torch.equal(a, b) for a, b in zip(level.expand_topk(ids, weights), sglang))
+
+
+def test_estimate_batch_sends_nothing_to_a_rank_hot_in_the_records_but_light_in_the_batch(make_topk):
+    p, w, m = 32, 4, 2000
+    ids, weights = make_topk(m, 2, p, seed=5, skew=2.0)
+    ids = torch.where(ids >= 0, p - 1 - ids, ids)  # the batch says rank 0 is the lightest, rank 3 the hottest
+    recorded = torch.tensor([900.0, 100.0, 100.0, 100.0])  # the records say rank 0 is hot overall
+    kw = dict(candidates="all", backend="torch")
+
+    def shares(rank: int, **extra) -> torch.Tensor:
+        dest = shared_ranks(WaterfillBalancer(p, w, rank, **kw, **extra).expand_topk(ids, weights)[0], p // w)
+        return torch.bincount(dest, minlength=w).double() / m
+
+    for rank in range(w):
+        assert shares(rank)[0] > 0.3  # SGLang's rule fills the rank that is light in this batch
+        combined = shares(rank, rank_load=recorded, estimate="batch")
+        assert combined[0] == 0.0
+        # Among the ranks below the recorded level, it still follows the batch: rank 3 is hottest.
+        assert combined[3] < combined[1]
+
+
+def test_estimate_batch_is_deterministic_and_seeded_per_layer(make_topk):
+    p, w = 64, 8
+    ids, weights = make_topk(500, 4, p, seed=1, skew=2.0)
+    load = torch.linspace(2.0, 1.0, w)
+
+    def dest(**kw):
+        b = WaterfillBalancer(p, w, 3, rank_load=load, estimate="batch", backend="torch", **kw)
+        return b.expand_topk(ids, weights)[0][:, -1]
+
+    assert torch.equal(dest(), dest())
+    assert not torch.equal(dest(layer_id=0), dest(layer_id=1))
+
+
+def test_estimate_batch_keeps_small_batches_local(make_topk):
+    p, w = 32, 4
+    b = WaterfillBalancer(p, w, 0, rank_load=torch.tensor([1.0, 9.0, 9.0, 9.0]), estimate="batch", backend="torch")
+    ids, weights = make_topk(63, 2, p, seed=0, skew=6.0)
+    assert (b.expand_topk(ids, weights)[0][:, -1] == shared_slot(0, 8)).all()
 
 
 def test_from_placement_reads_gpu_loads(make_topk):
@@ -229,6 +283,10 @@ def test_from_placement_reads_gpu_loads(make_topk):
         (dict(move="excess"), "use move='all'"),
         (dict(mode="dynamic", move="excess"), "needs fixed recorded loads"),
         (dict(rank_load=torch.ones(4), min_tile_tokens=8, move="excess"), "without prior_tokens"),
+        (dict(rank_load=torch.ones(4), estimate="batch", move="excess"), "estimate='recorded'"),
+        (dict(rank_load=torch.ones(4), estimate="some"), "estimate must be one of"),
+        (dict(estimate="batch"), "pass rank_load too"),
+        (dict(rank_load=torch.ones(4), estimate="batch", prior_tokens=10), "drop prior_tokens"),
     ],
 )
 def test_settings_are_validated(kwargs, match):

@@ -27,19 +27,23 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 # (slots, ep_size, k, tokens, settings): every source, candidate rule and size edge.
 CASES = [
     (288, 16, 8, 300, {}),
-    (288, 16, 8, 300, {"rank_load": "skewed"}),
-    (288, 16, 8, 300, {"rank_load": "skewed", "rank": 14}),  # a rank below the level
-    (288, 16, 8, 300, {"rank_load": "skewed", "move": "all"}),
-    (288, 16, 8, 300, {"rank_load": "skewed", "candidates": "all"}),
-    (288, 16, 8, 300, {"rank_load": "skewed", "min_tile_tokens": 128}),
+    (288, 16, 8, 300, {"rank_load": "skewed"}),  # estimate="batch"
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded"}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "rank": 14}),  # a rank below the level
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "move": "all"}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "candidates": "all"}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "min_tile_tokens": 128}),
     (288, 16, 8, 300, {"rank_load": "skewed", "prior_tokens": 1000}),
+    (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "batch", "rank": 14, "min_tile_tokens": 128}),
+    (288, 96, 8, 150, {"rank_load": "skewed", "estimate": "batch", "rank": 70, "candidates": "all"}),
+    (256, 64, 6, 70, {"rank_load": "random", "estimate": "batch", "layer_id": 3}),
     (288, 16, 8, 300, {"candidates": "all", "local_preference": 1.0}),
     (288, 16, 8, 300, {"min_tile_tokens": 300, "rank": 15}),
     (36, 6, 3, 130, {"mode": "dynamic"}),
     (36, 6, 3, 130, {"mode": "dynamic", "min_tile_tokens": 64, "candidates": "all"}),
     (256, 64, 8, 200, {"mode": "dynamic", "rank": 63}),
-    (256, 64, 6, 70, {"rank_load": "skewed", "layer_id": 5}),
-    (288, 96, 8, 150, {"rank_load": "skewed", "rank": 70}),  # two 64-rank bitmask words
+    (256, 64, 6, 70, {"rank_load": "skewed", "estimate": "recorded", "layer_id": 5}),
+    (288, 96, 8, 150, {"rank_load": "skewed", "estimate": "recorded", "rank": 70}),  # two 64-rank bitmask words
     (320, 160, 4, 1100, {"mode": "dynamic", "rank": 100}),  # several count programs
     (4, 1, 2, 100, {}),
     (32, 4, 1, 40, {}),  # under min_batch: local
@@ -59,7 +63,7 @@ def random_cases(count: int, seed: int = 0) -> list[tuple[int, int, int, int, di
         w = 1 + pick(80)
         settings = {"rank": pick(w), "layer_id": pick(100), "local_preference": 1 + pick(4) / 4,
                     "candidates": ("routed", "all")[pick(2)]}
-        settings.update(({"mode": "dynamic"}, {"rank_load": "random"}, {},
+        settings.update(({"mode": "dynamic"}, {"rank_load": "random", "estimate": "recorded"}, {},
                          {"rank_load": "random", "min_tile_tokens": 1 + pick(200)})[pick(4)])
         cases.append((w * (1 + pick(6)), w, 1 + pick(9), 64 + pick(600), settings))
     return cases
@@ -112,10 +116,13 @@ def test_kernel_matches_reference_on_cuda():
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_cuda_graph_replay_follows_new_inputs(mode):
+@pytest.mark.parametrize(("mode", "estimate"), [("static", "batch"), ("static", "recorded"), ("dynamic", None)])
+def test_cuda_graph_replay_follows_new_inputs(mode, estimate):
     p, w, k, m = 288, 16, 8, 4096
-    kw = {"all_reduce": lambda t: t.mul_(w)} if mode == "dynamic" else {"rank_load": torch.rand(w) + 0.1}
+    if mode == "dynamic":
+        kw = {"all_reduce": lambda t: t.mul_(w)}
+    else:
+        kw = {"rank_load": torch.rand(w) + 0.1, "estimate": estimate}
     b = WaterfillBalancer(p, w, 3, 2.5, mode=mode, check_inputs=False, **kw)
     ids, weights = (t.cuda() for t in random_topk(m, k, p, seed=0, skew=2.0, dtype=torch.int32))
     b.expand_topk(ids, weights)  # warm-up: compile and build the buffers
@@ -123,12 +130,35 @@ def test_cuda_graph_replay_follows_new_inputs(mode):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out_ids, out_w = b.expand_topk(ids, weights)
-    new_ids, new_w = (t.cuda() for t in random_topk(m, k, p, seed=1, skew=1.0, dtype=torch.int32))
-    ids.copy_(new_ids)
-    weights.copy_(new_w)
-    graph.replay()
-    ref_ids, ref_w = b.expand_topk(new_ids, new_w)
-    assert torch.equal(out_ids, ref_ids) and torch.equal(out_w, ref_w)
+    # Several replays: the counting launch must leave its grid counters zeroed for the next one.
+    for seed in (1, 2, 3):
+        new_ids, new_w = (t.cuda() for t in random_topk(m, k, p, seed=seed, skew=seed / 2, dtype=torch.int32))
+        ids.copy_(new_ids)
+        weights.copy_(new_w)
+        graph.replay()
+        ref_ids, ref_w = b.expand_topk(new_ids, new_w)
+        assert torch.equal(out_ids, ref_ids) and torch.equal(out_w, ref_w)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("resident", [1, 3, None])
+def test_counting_launch_with_several_tiles_per_program(monkeypatch, resident):
+    """Fewer resident programs than tiles (forced, or a batch larger than the SMs hold): each
+    program counts and expands several tiles, and batch sizes that change between calls reuse
+    the same counters."""
+    from eplb.waterfill import kernel
+
+    if resident is not None:
+        monkeypatch.setattr(kernel, "_resident_programs", lambda device: resident)
+    p, w, k = 288, 16, 8
+    rank_load = torch.rand(w, generator=torch.Generator().manual_seed(0)) + 0.1
+    b, ref = (WaterfillBalancer(p, w, 5, 2.5, rank_load=rank_load, backend=backend) for backend in ("triton", "torch"))
+    for m in (1000, 70, 20000, 4096):
+        ids, weights = (t.cuda() for t in random_topk(m, k, p, seed=m, skew=2.0, dtype=torch.int32))
+        for out, expected in zip(b.expand_topk(ids, weights), ref.expand_topk(ids, weights)):
+            assert torch.equal(out, expected), f"{m} tokens, {resident} resident programs"
 
 
 if __name__ == "__main__":

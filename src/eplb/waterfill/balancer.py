@@ -27,6 +27,7 @@ from eplb.waterfill.reference import MAX_EP_SIZE, Rule, Source
 MODES = ("static", "dynamic")
 CANDIDATES = ("routed", "all")
 MOVES = ("excess", "all")
+ESTIMATES = ("recorded", "batch")
 BACKENDS = ("auto", "torch", "triton")
 # Static loads are rescaled to integers summing to about this: fine enough for the weights
 # (WEIGHT_BITS) and far from int64 overflow in the water level.
@@ -60,17 +61,26 @@ class WaterfillBalancer:
         routed_scaling_factor: the factor the MoE output is scaled by after the combine; the
             shared column gets weight ``1 / factor`` so that the shared expert counts once.
             ``None`` or 0: no scaling (weight 1).
-        mode: ``"static"``: no collective; the rank loads are ``rank_load`` (from the EPLB
-            placement and recorded statistics, see :meth:`from_placement`) or, without it, this
-            batch's own routed counts. ``"dynamic"``: one all-reduce of every rank's routed counts
-            and token count per call; every rank must call ``expand_topk`` on every step, also
-            with an empty batch, or the group hangs.
+        mode: ``"static"``: no collective; the rank loads are estimated from this batch's own
+            routed counts and ``rank_load`` (from the EPLB placement and recorded statistics, see
+            :meth:`from_placement` and ``estimate``) or, without it, from the batch alone.
+            ``"dynamic"``: one all-reduce of every rank's routed counts and token count per call;
+            every rank must call ``expand_topk`` on every step, also with an empty batch, or the
+            group hangs.
         rank_load: static mode only: ``[n_ep]`` expected routed load per rank (any unit), e.g.
             ``placement.gpu_load(load)[layer]``.
-        prior_tokens: static mode with ``rank_load``: ``None`` balances on ``rank_load`` alone
-            (no counting); a number ``n`` balances on this batch's own counts plus ``rank_load``
-            scaled to ``n`` tokens, so a small batch leans on the recorded loads and a large one
-            on itself (a Dirichlet prior worth ``n`` tokens).
+        estimate: static mode with ``rank_load``: how this step's rank loads are estimated.
+            ``"batch"`` (the default, unless ``prior_tokens`` is given): this batch's own counts
+            per rank (SGLang's static rule, which evens out this rank's share of the step's
+            fluctuation) plus the other ranks' expected excess above the recorded water level
+            (``reference.recorded_excess``), so that no shared expert goes to a rank that is hot
+            overall but light in this batch; ``docs/benchmarks/waterfill.md`` has the simulation
+            that chose it. ``"recorded"``: from ``rank_load`` alone (fixed tables, no counting;
+            see ``prior_tokens``).
+        prior_tokens: static mode with ``rank_load`` and ``estimate="recorded"``: ``None``
+            balances on ``rank_load`` alone; a number ``n`` balances on this batch's own counts
+            plus ``rank_load`` scaled to ``n`` tokens, so a small batch leans on the recorded
+            loads and a large one on itself (a Dirichlet prior worth ``n`` tokens).
         layer_id: the MoE layer, which varies the per-token hash between layers.
         seed: varies the hash between runs.
         candidates: ``"routed"``: a token's shared expert may go to its own rank or a rank it
@@ -80,11 +90,11 @@ class WaterfillBalancer:
             step gets none (e.g. 128, a GEMM tile); 0 turns the rule off.
         local_preference: the own rank's weight relative to a remote one (SGLang: 11/10).
         move: which shared tokens may leave their rank. ``"excess"`` (the default where it
-            applies: static mode with ``rank_load``, no ``prior_tokens``, no tile rule): a rank
-            at or below the water level keeps all of them, one above keeps its fair share and
-            sends the rest to the ranks with room (``reference.excess_weights``). ``"all"``:
-            every token samples a rank in proportion to the deficits (SGLang's rule; the default
-            elsewhere).
+            applies: static mode with ``rank_load``, ``estimate="recorded"``, no ``prior_tokens``,
+            no tile rule): a rank at or below the water level keeps all of them, one above keeps
+            its fair share and sends the rest to the ranks with room (``reference.excess_weights``).
+            ``"all"``: every token samples a rank in proportion to the deficits (SGLang's rule;
+            the default elsewhere).
         group: dynamic mode: the ``torch.distributed`` EP group (default: the world).
         all_reduce: dynamic mode: a function that sums an int64 tensor over the EP ranks, in
             place or returning the sum, instead of ``torch.distributed.all_reduce`` (an engine's
@@ -107,6 +117,7 @@ class WaterfillBalancer:
         mode: str = "static",
         *,
         rank_load: torch.Tensor | None = None,
+        estimate: str | None = None,
         prior_tokens: int | None = None,
         layer_id: int = 0,
         seed: int = 0,
@@ -140,6 +151,7 @@ class WaterfillBalancer:
             if self._prior is None:
                 raise EplbError("prior_tokens weighs the recorded rank loads; pass rank_load too, or drop prior_tokens")
         self.prior_tokens = prior_tokens
+        self.estimate = self._validate_estimate(estimate)
         pref = self._validate_preference(local_preference)
         self.rule = Rule(
             ep_size=ep_size,
@@ -194,10 +206,23 @@ class WaterfillBalancer:
             )
         return torch.round(load / load.sum() * PRIOR_SCALE).to(torch.int64)
 
+    def _validate_estimate(self, estimate: Any) -> str | None:
+        if self._prior is None:
+            if estimate is not None:
+                raise EplbError("estimate chooses how the recorded rank loads are used; pass rank_load too, or drop it")
+            return None
+        if estimate is None:
+            return "recorded" if self.prior_tokens is not None else "batch"
+        if _choice("estimate", estimate, ESTIMATES) == "batch" and self.prior_tokens is not None:
+            raise EplbError(
+                "prior_tokens blends the batch into estimate='recorded'; drop prior_tokens or use estimate='recorded'"
+            )
+        return estimate
+
     @property
     def _fixed_tables(self) -> bool:
         """Fixed loads without the tile rule give fixed rank tables, built once per top-k width."""
-        return self._prior is not None and self.prior_tokens is None and self.rule.min_tile_tokens == 0
+        return self.estimate == "recorded" and self.prior_tokens is None and self.rule.min_tile_tokens == 0
 
     def _validate_move(self, move: Any) -> str:
         fixed = self._fixed_tables
@@ -205,8 +230,8 @@ class WaterfillBalancer:
             return "excess" if fixed else "all"
         if _choice("move", move, MOVES) == "excess" and not fixed:
             raise EplbError(
-                "move='excess' needs fixed recorded loads: static mode with rank_load, without prior_tokens "
-                "and min_tile_tokens; drop those settings or use move='all'"
+                "move='excess' needs fixed recorded loads: static mode with rank_load and estimate='recorded', "
+                "without prior_tokens and min_tile_tokens; drop those settings or use move='all'"
             )
         return move
 
@@ -269,6 +294,8 @@ class WaterfillBalancer:
             return self._run(ids, weights, None, Source.BATCH, local_only)
         if self._fixed_tables:
             return self._run(ids, weights, None, Source.PRIOR, local_only)
+        if self.estimate == "batch":
+            return self._run(ids, weights, self._excess(ids.shape[1], ids.device), Source.BATCH_OFFSET, local_only)
         source = Source.PRIOR if self.prior_tokens is None else Source.BATCH
         return self._run(ids, weights, self._prior_loads(ids.shape[1], ids.device), source, local_only)
 
@@ -367,6 +394,12 @@ class WaterfillBalancer:
     def _prior_loads(self, k: int, device: torch.device) -> torch.Tensor:
         return self._buffer(("prior", k, device), lambda: self._prior_loads_cpu(k).to(device))
 
+    def _excess(self, k: int, device: torch.device) -> torch.Tensor:
+        """``[W + 1]`` ``reference.recorded_excess`` of the recorded loads (``estimate="batch"``)."""
+        return self._buffer(
+            ("excess", k, device), lambda: reference.recorded_excess(self._prior_loads_cpu(k), self.ep_size).to(device)
+        )
+
     def _tables(self, k: int, device: torch.device) -> torch.Tensor:
         """``[2, W]`` fixed ``reference.rank_tables`` of the recorded loads, built on the host."""
 
@@ -390,13 +423,15 @@ class WaterfillBalancer:
                 ("shared_weight", weights.dtype, device),
                 lambda: torch.full((1,), self.rule.shared_weight, dtype=weights.dtype, device=device),
             )
-            if tables is None:  # the kernel builds them from this step's loads, into this buffer
-                tables = self._buffer(
-                    ("scratch", device), lambda: torch.zeros(2, self.ep_size, dtype=torch.int64, device=device)
-                )
-                return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only, tables)
-            return waterfill_triton(ids, weights, None, shared_weight, source, self.rule, local_only, tables,
-                                    fixed_tables=True)
+            if tables is not None:
+                return waterfill_triton(ids, weights, None, shared_weight, source, self.rule, local_only, tables,
+                                        fixed_tables=True)
+            # The kernel builds the tables from this step's loads into scratch, and where the
+            # source counts the batch, uses the rest as the grid's counters.
+            w = self.ep_size
+            scratch = self._buffer(("scratch", device), lambda: torch.zeros(4 * w + 5, dtype=torch.int64, device=device))
+            return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only,
+                                    scratch[: 2 * w].view(2, w), sync=scratch[2 * w :])
         if local_only:
             return reference.expand(ids, weights, self.rank, self.rule)
         return reference.waterfill_torch(ids, weights, loads, source, self.rule, tables)
@@ -405,7 +440,7 @@ class WaterfillBalancer:
         if self.mode == "dynamic":
             source = "dynamic"
         else:
-            source = "static, batch counts" if self._prior is None else "static, recorded loads"
+            source = "static, batch counts" if self._prior is None else f"static, estimate={self.estimate}"
         return (
             f"WaterfillBalancer(slots={self.num_routed_slots}, ep_size={self.ep_size}, rank={self.rank}, "
             f"{source}, move={self.move}, candidates={'all' if self.rule.all_ranks else 'routed'})"

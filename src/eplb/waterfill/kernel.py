@@ -1,34 +1,42 @@
-"""Waterfill as one Triton kernel: choose and expand in a single launch (and count, where the
-loads come from the batch).
+"""Waterfill as one Triton kernel: count, choose and expand in a single launch.
 
 It computes exactly what ``eplb.waterfill.reference.waterfill_torch`` computes. Each program
-handles ``BLOCK_M`` tokens, one per lane. With fixed rank tables (static mode with recorded
-loads, the default) a token's work is O(K) whatever the EP size: ``K`` steps of a weighted
+handles ``BLOCK_M`` tokens at a time, one per lane. With fixed rank tables (static mode with
+``estimate="recorded"``) a token's work is O(K) whatever the EP size: ``K`` steps of a weighted
 reservoir draw over its routed ranks, which reads each rank's weight from the ``[2, W]`` table
 (a few hundred bytes, cached) and skips repeated ranks with a bitmask. Otherwise every program
 first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values) and
-writes them to a scratch buffer it then reads back: the programs write identical values, so no
-grid-wide barrier is needed, and it is cheaper than a second launch. Imported on first use
-(triton is optional). On CPU tensors it runs under the Triton interpreter, which needs
-``TRITON_INTERPRET=1`` set before triton is first imported; loops take compile-time trip
-counts because the interpreter cannot run a loop over a runtime bound.
+writes them to a scratch buffer it then reads back: the programs write identical values, so
+that needs no barrier (holding them in registers and gathering from them measured slower).
+Where those loads need this batch's counts (static mode's batch rules, the tile rule),
+the launch is persistent (at most one program per SM, so all are resident) and counts the batch
+across the grid: each program adds its tiles' counts with integer atomics, then waits at a grid
+barrier; two sets of counters alternate between launches, so each launch leaves the next one's
+set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its zero
+fill cost two more launches; counting the whole batch in every program, ten times the fixed
+rule.) Imported on first use (triton is optional). On CPU tensors it runs under the Triton
+interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs one
+program, and takes compile-time trip counts for loops.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from eplb.dispatch.hashing import MUL1, MUL2, UNIFORM_BITS
-from eplb.waterfill.reference import WEIGHT_BITS, Rule, Source
+from eplb.waterfill.reference import EXCESS_BITS, WEIGHT_BITS, Rule, Source
 
 # Kernels read module globals only as constexprs.
 _WEIGHT_BITS = tl.constexpr(WEIGHT_BITS)
+_EXCESS_BITS = tl.constexpr(EXCESS_BITS)
 _UNIFORM_BITS = tl.constexpr(UNIFORM_BITS)
 _MUL1 = tl.constexpr(MUL1)
 _MUL2 = tl.constexpr(MUL2)
-# Ids binned per histogram step (and per program of the count kernel).
+# Ids binned per program of the count kernel.
 _COUNT_IDS = 4096
 # Tokens per program and its warps: one token per lane; small programs spread a batch of a few
 # thousand tokens over many SMs, since a token's work is a short serial chain.
@@ -51,25 +59,16 @@ def _entry_uniform(entry, key):
 
 
 @triton.jit
-def _count_batch(ids_ptr, start, num_tokens,
-                 K: tl.constexpr, K_PAD: tl.constexpr, W_PAD: tl.constexpr, EPR: tl.constexpr,
-                 HIST: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """Of tokens ``[start, start + CHUNK * NUM_CHUNKS)``: (``[W_PAD]`` routed entries per rank
-    (zeros unless HIST), tokens with any routed entry)."""
+def _count_tile(ids_ptr, rows, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W_PAD: tl.constexpr,
+                EPR: tl.constexpr, ROWS: tl.constexpr):
+    """``(hist [W_PAD] int32, tokens)``: routed entries per rank and tokens with any, of ``rows``."""
     cols = tl.arange(0, K_PAD)
-    hist = tl.zeros([W_PAD], dtype=tl.int64)
-    tokens = tl.zeros([CHUNK], dtype=tl.int64)
-    for c in range(NUM_CHUNKS):
-        rows = start + c * CHUNK + tl.arange(0, CHUNK)
-        inside = (rows < num_tokens)[:, None] & (cols < K)[None, :]
-        ids = tl.load(ids_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=-1)
-        valid = ids >= 0
-        if HIST:
-            rank = tl.where(valid, ids.to(tl.int32) // EPR, 0)
-            hist += tl.histogram(tl.reshape(rank, [CHUNK * K_PAD]), W_PAD,
-                                 mask=tl.reshape(valid, [CHUNK * K_PAD])).to(tl.int64)
-        tokens += tl.max(valid.to(tl.int64), axis=1)
-    return hist, tl.sum(tokens, axis=0)
+    inside = (rows < num_tokens)[:, None] & (cols < K)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=-1)
+    valid = ids >= 0
+    rank = tl.where(valid, ids.to(tl.int32) // EPR, 0)
+    hist = tl.histogram(tl.reshape(rank, [ROWS * K_PAD]), W_PAD, mask=tl.reshape(valid, [ROWS * K_PAD]))
+    return hist, tl.sum(tl.max(valid.to(tl.int64), axis=1), axis=0)
 
 
 @triton.jit
@@ -77,27 +76,73 @@ def _count_kernel(ids_ptr, out_ptr, num_tokens,
                   K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
                   EPR: tl.constexpr, CHUNK: tl.constexpr):
     """``out [W + 1]`` (zeroed) += ``local_counts`` of this program's ``CHUNK`` tokens."""
-    hist, tokens = _count_batch(ids_ptr, tl.program_id(0) * CHUNK, num_tokens, K, K_PAD, W_PAD, EPR, True,
-                                CHUNK, 1)
+    rows = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    hist, tokens = _count_tile(ids_ptr, rows, num_tokens, K, K_PAD, W_PAD, EPR, CHUNK)
     ranks = tl.arange(0, W_PAD)
-    tl.atomic_add(out_ptr + ranks, hist, mask=ranks < W)
+    tl.atomic_add(out_ptr + ranks, hist.to(tl.int64), mask=ranks < W)
     tl.atomic_add(out_ptr + W, tokens)
 
 
 @triton.jit
-def _build_tables(ids_ptr, loads_ptr, tables_ptr, num_tokens, rank, min_tile_tokens, local_weight, remote_weight,
-                  K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, EPR: tl.constexpr,
-                  SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, TILE: tl.constexpr,
-                  CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """``reference.rank_tables(reference.rank_weights(...))`` of this step, stored at ``tables_ptr``."""
+def _grid_count(ids_ptr, sync_ptr, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
+                W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """Count the whole batch (``local_counts``) across the grid; returns where the counts are.
+
+    ``sync_ptr``: int64 ``[2 * W + 5]``, zeros before the first launch: the generation ``g``
+    (0 or 1), two arrival counters, then two ``[W + 1]`` count vectors. A launch counts into
+    set ``g`` and, once every program has arrived (so has read ``g``), program 0 zeroes set
+    ``1 - g``, which the previous launch used and has finished with (launches on a stream run
+    in order), and flips ``g``: no program waits on anything but the one barrier.
+    """
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    gen = tl.load(sync_ptr, volatile=True)
+    arrived_ptr = sync_ptr + 1 + gen
+    counts_ptr = sync_ptr + 3 + gen * (W + 1)
+    hist = tl.zeros([W_PAD], dtype=tl.int32)
+    tokens = tl.zeros([], dtype=tl.int64)
+    for t in range(TILES):
+        h, n = _count_tile(ids_ptr, (pid + t * grid) * BLOCK + tl.arange(0, BLOCK), num_tokens, K, K_PAD, W_PAD,
+                           EPR, BLOCK)
+        hist += h
+        tokens += n
+    ranks = tl.arange(0, W_PAD)
+    tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64), mask=ranks < W, sem="relaxed")
+    tl.atomic_add(counts_ptr + W, tokens, sem="relaxed")
+    # All lanes' counts go in before the arrival (as in a cooperative grid sync).
+    tl.debug_barrier()
+    # The last to arrive learns it from its own add and does not poll.
+    arrived = tl.atomic_add(arrived_ptr, 1, sem="acq_rel") + 1
+    while arrived < grid:
+        arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+    if pid == 0:
+        spent = sync_ptr + 3 + (1 - gen) * (W + 1)
+        tl.store(spent + ranks, tl.zeros([W_PAD], dtype=tl.int64), mask=ranks < W)
+        tl.store(spent + W, 0)
+        tl.store(sync_ptr + 2 - gen, 0)
+        tl.store(sync_ptr, 1 - gen)
+    tl.debug_barrier()
+    return counts_ptr
+
+
+@triton.jit
+def _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
+                  W: tl.constexpr, W_PAD: tl.constexpr,
+                  SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, TILE: tl.constexpr):
+    """``reference.rank_tables(reference.rank_weights(...))`` of this step, stored at ``tables_ptr``
+    (``counts_ptr``: this batch's ``local_counts``, read where the source or the tile rule needs them)."""
     ranks = tl.arange(0, W_PAD)
     rank_ok = ranks < W
     # Rank loads [W] and the shared load, and the step's tokens for the tile rule.
-    if SOURCE == 0:
-        load, local_tokens = _count_batch(ids_ptr, 0, num_tokens, K, K_PAD, W_PAD, EPR, True, CHUNK, NUM_CHUNKS)
+    if SOURCE == 0 or SOURCE == 3:
+        # Volatile: other programs added to the counts during this launch (L1 is not coherent).
+        load = tl.load(counts_ptr + ranks, mask=rank_ok, other=0, volatile=True)
+        local_tokens = tl.load(counts_ptr + W, volatile=True)
         shared = local_tokens
         tokens_this_step = local_tokens * W
-        if HAS_LOADS:
+        if SOURCE == 3:  # the others' recorded excess per token, times this batch's tokens
+            load += (tl.load(loads_ptr + ranks, mask=rank_ok, other=0) * local_tokens) >> _EXCESS_BITS
+        elif HAS_LOADS:
             load += tl.load(loads_ptr + ranks, mask=rank_ok, other=0)
             shared += tl.load(loads_ptr + W)
     else:
@@ -105,8 +150,7 @@ def _build_tables(ids_ptr, loads_ptr, tables_ptr, num_tokens, rank, min_tile_tok
         shared = tl.load(loads_ptr + W)
         tokens_this_step = shared
         if SOURCE == 1 and TILE:
-            _, local_tokens = _count_batch(ids_ptr, 0, num_tokens, K, K_PAD, W_PAD, EPR, False, CHUNK, NUM_CHUNKS)
-            tokens_this_step = local_tokens * W
+            tokens_this_step = tl.load(counts_ptr + W, volatile=True) * W
     # Weights: deficits below the water level (reference._water_level, rank_weights).
     below_or_equal = (load[None, :] <= load[:, None]) & rank_ok[None, :]
     gap = tl.sum(tl.where(below_or_equal, load[:, None] - load[None, :], 0), axis=1)
@@ -136,21 +180,47 @@ def _build_tables(ids_ptr, loads_ptr, tables_ptr, num_tokens, rank, min_tile_tok
 
 @triton.jit
 def _waterfill_kernel(
-    ids_ptr, weights_ptr, loads_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,
+    ids_ptr, weights_ptr, sync_ptr, loads_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,
     num_tokens, rank, key, min_tile_tokens, local_weight, remote_weight,
     K: tl.constexpr, K_PAD: tl.constexpr, K1_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-    EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr,
+    EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
     SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, FIXED_TABLES: tl.constexpr, ALL_RANKS: tl.constexpr,
-    LOCAL_ONLY: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    LOCAL_ONLY: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """``TILES`` tiles of ``BLOCK`` tokens per program, strided by the grid; ``COUNT``: count the
+    batch across the grid first (``_grid_count``), into ``sync_ptr``."""
+    counts_ptr = sync_ptr
+    if COUNT:
+        counts_ptr = _grid_count(ids_ptr, sync_ptr, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES)
+    if not (FIXED_TABLES or LOCAL_ONLY):
+        _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
+                      W, W_PAD, SOURCE, HAS_LOADS, TILE)
+    for t in range(TILES):
+        rows = (tl.program_id(0) + t * tl.num_programs(0)) * BLOCK + tl.arange(0, BLOCK)
+        _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
+                           num_tokens, rank, key, K, K1_PAD, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
+
+
+@triton.jit
+def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
+                       num_tokens, rank, key, K: tl.constexpr, K1_PAD: tl.constexpr, W: tl.constexpr,
+                       W_PAD: tl.constexpr, EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                       ALL_RANKS: tl.constexpr, LOCAL_ONLY: tl.constexpr):
+    """Choose the shared rank of the tokens ``rows`` from the tables and write their expanded rows."""
     row_ok = rows < num_tokens
+    # The routed columns first (p -> p + p // epr): they do not depend on the choice, so their
+    # loads and stores overlap it.
+    cols = tl.arange(0, K1_PAD)
+    inside = row_ok[:, None] & (cols < K)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=-1)
+    wts = tl.load(weights_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0)
+    routed = ids >= 0
+    out = rows[:, None] * (K + 1) + cols[None, :]
+    tl.store(out_ids_ptr + out, tl.where(routed, ids + ids // EPR, ids), mask=inside)
+    tl.store(out_weights_ptr + out, tl.where(routed, wts, 0), mask=inside)
     if LOCAL_ONLY:
         dest = tl.zeros([BLOCK], dtype=tl.int64) + rank
     else:
-        if not FIXED_TABLES:
-            _build_tables(ids_ptr, loads_ptr, tables_ptr, num_tokens, rank, min_tile_tokens, local_weight,
-                          remote_weight, K, K_PAD, W, W_PAD, EPR, SOURCE, HAS_LOADS, TILE, CHUNK, NUM_CHUNKS)
         if ALL_RANKS:
             # Inverse CDF over all ranks (reference.choose_shared_rank, candidates="all").
             ranks = tl.arange(0, W_PAD)
@@ -183,31 +253,12 @@ def _waterfill_kernel(
                 fallback_key = tl.minimum(fallback_key, tl.load(tables_ptr + W + r, mask=new, other=W * W))
         fallback = tl.where(fallback_key < W * W, fallback_key % W, rank)
         dest = tl.where(total > 0, chosen, fallback)
-    # Expand: routed ids p -> p + p // epr, the shared column last.
-    cols = tl.arange(0, K1_PAD)
-    inside = row_ok[:, None] & (cols < K)[None, :]
-    ids = tl.load(ids_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=-1)
-    wts = tl.load(weights_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0)
-    valid = ids >= 0
-    has_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-    shared_id = tl.where(has_valid, dest * (EPR + 1) + EPR, -1)
-    shared_w = tl.where(has_valid, tl.load(shared_weight_ptr), 0)
-    is_shared = (cols == K)[None, :]
-    out_ids = tl.where(is_shared, shared_id[:, None], tl.where(valid, ids + ids // EPR, ids))
-    out_w = tl.where(is_shared, shared_w[:, None], tl.where(valid, wts, 0))
-    out = rows[:, None] * (K + 1) + cols[None, :]
-    written = row_ok[:, None] & (cols <= K)[None, :]
-    tl.store(out_ids_ptr + out, out_ids, mask=written)
-    tl.store(out_weights_ptr + out, out_w, mask=written)
+    # The shared column: -1 and weight 0 for a token without routed entries.
+    has_valid = tl.max(routed.to(tl.int32), axis=1) > 0
+    shared = rows * (K + 1) + K
+    tl.store(out_ids_ptr + shared, tl.where(has_valid, dest * (EPR + 1) + EPR, -1).to(ids.dtype), mask=row_ok)
+    tl.store(out_weights_ptr + shared, tl.where(has_valid, tl.load(shared_weight_ptr), 0), mask=row_ok)
 
-
-def _count_args(num_tokens: int, k: int, counts: bool = True) -> dict[str, int]:
-    k_pad = triton.next_power_of_2(k)
-    chunk = max(1, _COUNT_IDS // k_pad)
-    # A power of two, so that varying batch sizes compile a few variants, not one each; a kernel
-    # that counts nothing gets 1 and no variants at all.
-    chunks = triton.next_power_of_2(max(1, triton.cdiv(num_tokens, chunk))) if counts else 1
-    return {"K_PAD": k_pad, "CHUNK": chunk, "NUM_CHUNKS": chunks}
 
 
 def local_counts_triton(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> torch.Tensor:
@@ -215,13 +266,23 @@ def local_counts_triton(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: in
     and one program per ``CHUNK`` tokens adding into it (integer atomics: exact)."""
     m, k = topk_ids.shape
     out = torch.zeros(ep_size + 1, dtype=torch.int64, device=topk_ids.device)
-    args = _count_args(m, k, counts=False)
+    k_pad = triton.next_power_of_2(k)
+    chunk = max(1, _COUNT_IDS // k_pad)
     if m:
-        _count_kernel[(triton.cdiv(m, args["CHUNK"]),)](
-            topk_ids, out, m, K=k, K_PAD=args["K_PAD"], W=ep_size, W_PAD=triton.next_power_of_2(ep_size),
-            EPR=slots_per_rank, CHUNK=args["CHUNK"],
+        _count_kernel[(triton.cdiv(m, chunk),)](
+            topk_ids, out, m, K=k, K_PAD=k_pad, W=ep_size, W_PAD=triton.next_power_of_2(ep_size),
+            EPR=slots_per_rank, CHUNK=chunk,
         )
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the counting launch that are surely resident at once: one per SM (a program
+    needs a small part of one); the interpreter runs one program at a time, so one."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def waterfill_triton(
@@ -234,6 +295,7 @@ def waterfill_triton(
     local_only: bool,
     tables: torch.Tensor,
     fixed_tables: bool = False,
+    sync: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.waterfill_torch`` (``local_only``: every shared expert stays on
     ``rule.rank``, as ``reference.expand`` with ``dest=rank``).
@@ -241,7 +303,9 @@ def waterfill_triton(
     ``topk_ids`` and ``topk_weights`` must be contiguous; ``shared_weight`` is a one-element
     tensor of the weights' dtype (so a float64 weight is not rounded through float32).
     ``tables``: ``[2, W]`` int64, the fixed ``reference.rank_tables`` when ``fixed_tables``, else a
-    scratch buffer the kernel writes them to.
+    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 5]`` int64, zeros before its first use, where
+    the source counts the batch: the grid's counters (see ``_grid_count``), kept by the kernel
+    between launches; one buffer per stream (two launches must not share it at once).
     """
     m, k = topk_ids.shape
     out_ids = torch.empty(m, k + 1, dtype=topk_ids.dtype, device=topk_ids.device)
@@ -250,14 +314,24 @@ def waterfill_triton(
         return out_ids, out_weights
     w_pad = triton.next_power_of_2(rule.ep_size)
     block = max(16, min(BLOCK_M, _ALL_RANKS_CELLS // w_pad)) if rule.all_ranks else BLOCK_M
-    counts = not (local_only or fixed_tables) and (source == Source.BATCH or rule.min_tile_tokens > 0)
-    _waterfill_kernel[(triton.cdiv(m, block),)](
-        topk_ids, topk_weights, tables if loads is None else loads, tables, shared_weight, out_ids, out_weights,
+    count = not (local_only or fixed_tables) and (
+        source in (Source.BATCH, Source.BATCH_OFFSET) or (source == Source.PRIOR and rule.min_tile_tokens > 0))
+    num_tiles = triton.cdiv(m, block)
+    tiles = 1
+    if count:
+        if sync is None or sync.shape != (2 * rule.ep_size + 5,):
+            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({2 * rule.ep_size + 5},)")
+        # All programs must be resident at the barrier; a power of two keeps the compiled
+        # variants few as the batch size varies.
+        tiles = triton.next_power_of_2(triton.cdiv(num_tiles, _resident_programs(topk_ids.device)))
+    _waterfill_kernel[(triton.cdiv(num_tiles, tiles),)](
+        topk_ids, topk_weights, sync if count else tables, tables if loads is None else loads, tables, shared_weight,
+        out_ids, out_weights,
         m, rule.rank, rule.key, rule.min_tile_tokens, rule.local_weight, rule.remote_weight,
-        K=k, K1_PAD=triton.next_power_of_2(k + 1), W=rule.ep_size, W_PAD=w_pad, EPR=rule.slots_per_rank,
-        WORDS=triton.next_power_of_2(triton.cdiv(rule.ep_size, 64)), BLOCK=block,
-        SOURCE=int(source), HAS_LOADS=loads is not None, FIXED_TABLES=fixed_tables, ALL_RANKS=rule.all_ranks,
-        LOCAL_ONLY=local_only, TILE=rule.min_tile_tokens > 0, **_count_args(m, k, counts=counts),
+        K=k, K_PAD=triton.next_power_of_2(k), K1_PAD=triton.next_power_of_2(k + 1), W=rule.ep_size, W_PAD=w_pad,
+        EPR=rule.slots_per_rank, WORDS=triton.next_power_of_2(triton.cdiv(rule.ep_size, 64)), BLOCK=block,
+        TILES=tiles, SOURCE=int(source), HAS_LOADS=loads is not None, FIXED_TABLES=fixed_tables,
+        ALL_RANKS=rule.all_ranks, LOCAL_ONLY=local_only, TILE=rule.min_tile_tokens > 0, COUNT=count,
         num_warps=NUM_WARPS,
     )
     return out_ids, out_weights

@@ -32,6 +32,9 @@ from eplb.waterfill.layout import expand_routed_ids, shared_slot
 WEIGHT_BITS = 12
 # Fallback keys (load order * W + rank) stay below 2**24, so the kernel keeps them in int32.
 MAX_EP_SIZE = 1 << 12
+# Fixed-point fraction bits of the recorded excess per token (Source.BATCH_OFFSET): it is at most
+# K * (W - 1) * 2**EXCESS_BITS, so times a batch's token count it stays far inside int64.
+EXCESS_BITS = 16
 
 
 class Source(IntEnum):
@@ -40,6 +43,7 @@ class Source(IntEnum):
     BATCH = 0  # the local batch's own counts, plus fixed pseudo-counts if given (static mode)
     PRIOR = 1  # fixed loads only, e.g. from the placement and recorded statistics (static mode)
     GLOBAL = 2  # counts all-reduced over the EP group this step (dynamic mode)
+    BATCH_OFFSET = 3  # the batch's own counts plus the other ranks' recorded excess (static mode)
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,14 @@ def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> t
 
 
 def _water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(deficit [W], count)``: ``deficit = count * max(T - load, 0)`` for the water level ``T``
-    (the level at which ``sum_r max(T - load_r, 0)`` equals the shared load ``loads[-1]``).
+    """``(height [W], count)``: ``height = count * (T - load)`` for the water level ``T`` (the
+    level at which ``sum_r max(T - load_r, 0)`` equals the shared load ``loads[-1]``); positive
+    below the level (a deficit), negative above it (an excess).
 
     With the loads sorted, the ranks below ``T`` are those whose fill gap
     ``sum_{i: l_i <= l_r} (l_r - l_i)`` is less than the shared load, a prefix; ``count`` of them,
     and ``count * T`` is the shared load plus their loads. Integers only and O(W**2) compares (no
-    sort, as in the kernel); the deficit is scaled by ``count`` so that it stays an integer.
+    sort, as in the kernel); the height is scaled by ``count`` so that it stays an integer.
     """
     load, shared = loads[:-1], loads[-1]
     below_or_equal = load.unsqueeze(0) <= load.unsqueeze(1)  # [j, i]: l_i <= l_j
@@ -110,7 +115,7 @@ def _water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top_wet = torch.where(gap < shared, load, -1).max()
     wet = load <= top_wet
     count, level = wet.sum(), shared + torch.where(wet, load, 0).sum()
-    return (level - load * count).clamp(min=0), count
+    return level - load * count, count
 
 
 def rank_weights(loads: torch.Tensor, tokens_this_step: torch.Tensor, min_tile_tokens: int) -> torch.Tensor:
@@ -124,7 +129,7 @@ def rank_weights(loads: torch.Tensor, tokens_this_step: torch.Tensor, min_tile_t
         min_tile_tokens: ranks whose share is fewer tokens than this get weight 0, except the
             largest, so their few tokens join fuller GEMM tiles elsewhere (0: off).
     """
-    deficit, _ = _water_level(loads)
+    deficit = _water_level(loads)[0].clamp(min=0)
     weight = deficit // ((deficit.max() >> WEIGHT_BITS) + 1)
     keep = (weight * tokens_this_step >= min_tile_tokens * weight.sum()) | (weight == weight.max())
     return torch.where(keep, weight, 0)
@@ -146,10 +151,10 @@ def excess_weights(loads: torch.Tensor, rank: int) -> torch.Tensor:
     network than when every token samples by deficit, and a rank below the level adds no
     sampling noise to its own load.
     """
-    deficit, count = _water_level(loads)
+    height, count = _water_level(loads)
     if count == 0:  # no shared load: nothing to move
-        return torch.zeros_like(deficit)
-    d = deficit.double() / count.double()
+        return torch.zeros_like(height)
+    d = height.clamp(min=0).double() / count.double()
     share = float(loads[-1]) / d.numel()
     room = (d - share).clamp(min=0)
     if d[rank] >= share or room.sum() <= 0:
@@ -160,6 +165,33 @@ def excess_weights(loads: torch.Tensor, rank: int) -> torch.Tensor:
         weight = (share - d[rank]) * room
         weight[rank] = d[rank] * room.sum()
     return torch.floor(weight / weight.max() * ((1 << WEIGHT_BITS) - 1)).to(torch.int64)
+
+
+def recorded_excess(loads: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """``[W + 1]`` int64: per rank, the other ranks' expected routed load above the water level,
+    per token of this rank's batch, in ``2**-EXCESS_BITS`` entries; the shared load's entry is 0
+    (host-side, for ``Source.BATCH_OFFSET``).
+
+    Args:
+        loads: ``[W + 1]`` int64 recorded routed load per rank, then the shared load (its tokens).
+        ep_size: ``W``.
+
+    Why: a rank's final load is the sum over the ``W`` senders of what each routes and sends to
+    it, so a sender that evens out its own batch (routed counts plus its shared tokens: SGLang's
+    static rule) removes its part of the step's fluctuation, which no recorded aggregate sees.
+    What it cannot see is the others' part: a rank above the recorded water level stays above
+    it, since the others' shared experts fill only the ranks below (their expected contribution
+    is ``max(load, T)`` per token, a constant below the level). Adding the others' excess
+    ``(W - 1) * max(load - T, 0)`` (per token, so it scales with the batch) to the batch's counts
+    keeps the batch rule's correction of its own fluctuation on the ranks below the level and
+    stops it from filling a rank that is only by chance light in this batch but hot overall.
+    """
+    height, count = _water_level(loads)
+    if count == 0 or ep_size == 1:  # no shared load, or no other rank
+        return torch.zeros_like(loads)
+    excess = (-height).clamp(min=0).double() / count.double()
+    per_token = excess * ((ep_size - 1) / loads[-1].double())
+    return torch.cat([torch.round(per_token * (1 << EXCESS_BITS)).to(torch.int64), loads.new_zeros(1)])
 
 
 def rank_tables(weights: torch.Tensor, loads: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -272,7 +304,9 @@ def waterfill_torch(
     Args:
         topk_ids, topk_weights: ``[M, K]``.
         loads: ``[W + 1]`` int64 rank loads on the ids' device. ``BATCH`` adds them to the batch's
-            own counts (pseudo-counts of a prior; ``None``: the batch alone).
+            own counts (pseudo-counts of a prior; ``None``: the batch alone); ``BATCH_OFFSET``
+            adds them times the batch's token count, shifted right by ``EXCESS_BITS``
+            (:func:`recorded_excess`).
         source: where the loads come from; ``GLOBAL`` loads also give the exact step token count,
             the others estimate it as the local tokens times ``W``.
         rule: the settings.
@@ -283,6 +317,8 @@ def waterfill_torch(
         counts = local_counts(topk_ids, rule.slots_per_rank, rule.ep_size)
         if source == Source.BATCH:
             loads = counts if loads is None else counts + loads
+        elif source == Source.BATCH_OFFSET:
+            loads = counts + ((loads * counts[-1]) >> EXCESS_BITS)
         tokens = loads[-1] if source == Source.GLOBAL else counts[-1] * rule.ep_size
         tables = rank_tables(rank_weights(loads, tokens, rule.min_tile_tokens), loads, rule)
     dest = choose_shared_rank(topk_ids, tables, rule)

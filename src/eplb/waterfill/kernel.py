@@ -9,7 +9,8 @@ first builds the same tables from this step's loads (O(W**2) integer ops on ``W`
 writes them to a scratch buffer it then reads back: the programs write identical values, so
 that needs no barrier (holding them in registers and gathering from them measured slower).
 Where those loads need this batch's counts (static mode's batch rules, the tile rule),
-the launch is persistent (at most one program per SM, so all are resident) and counts the batch
+the launch is persistent (at most one program per SM, so all are resident; kernels on other
+streams can delay a program's start, not block it, as none waits on this one) and counts the batch
 across the grid: each program adds its tiles' counts with integer atomics, then waits at a grid
 barrier; two sets of counters alternate between launches, so each launch leaves the next one's
 set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its zero

@@ -162,9 +162,20 @@ NOTES = """### Notes
   lightest pair. With one node eplb then keeps DeepSeek's duplicate (after its own search, moving every
   duplicate it can without raising the peak) only where that beats its duplicate-free plan
   (`EngineConfig(allow_duplicates=False)` forbids it). With several nodes it stays duplicate-free and has no
-  DeepSeek fallback (that plan ignores nodes and groups), so on Zipf 1.5 at 4 nodes it is still above deepseek.
+  DeepSeek fallback (that plan ignores nodes and groups), so on Zipf 1.5 at 4 nodes it is still above deepseek:
+  1.238 at the default locality 0.25, 1.206 at 0.1, 1.204 at 0 (deepseek 1.192), with 1.31 / 1.36 / 1.38
+  remote nodes per token against deepseek's 1.99.
 - Synthetic out of sample: the drift is independent noise per window, which no history predicts, so hedging
   buys nothing and costs a little; on the real sets, where workloads share structure, it pays.
+- OLMoE out of sample misses the issue's 1.10 (eplb 1.275, deepseek 1.43). One placement can serve all six
+  domains: eplb fitted on all six scores 1.037-1.059 on each. Fitted on five, the sixth is not predicted: the
+  heaviest replica is at most 0.85 of a GPU's mean load on every held-out layer, so replica counts are not the
+  limit; each GPU's sum of its 10 replicas is. An expert's share varies by a coefficient of variation of 0.63
+  across domains (pairwise correlations of the domains' shares -0.41 to 0.84), and ten such shares summed give
+  a GPU a CV near 0.19, so the heaviest of 8 GPUs lands near 1 + 1.4 x 0.19 = 1.27 whatever the packing,
+  unless the history predicts the direction of the shift. Tried, not kept: shrinking the window covariance
+  toward its diagonal (independent per-expert risk; 1.34-1.44) and risk 0 / 2 / 3 / 5 (1.35 / 1.34 / 1.38 /
+  1.28; three layers, so noisy).
 - Plan times are CPU time of the one thread (`time.process_time`; tables: best of 5), so other jobs on the
   shared 2-core machine inflate them less than wall-clock; the load averages around the timing table say how
   busy the machine was, and times vary by about +-30% between runs.

@@ -579,25 +579,37 @@ def _split_nodes(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, counts: np
     filled = one_hot.sum(1)
     node_mu = np.einsum("lp,lpn->ln", mu, one_hot.astype(np.float64))
     node_dev = np.einsum("lpk,lpn->lnk", dev, one_hot.astype(np.float64))
-    held = np.zeros((num_layers, num_nodes, num_experts), dtype=np.int64)
-    np.add.at(held, (rows[:, None], node.clip(min=0), expert), pinned)
+    # held[l, e, n]: replicas of expert e on node n; flat indices below, since this loop runs
+    # once per slot and small fancy-indexing calls would dominate it.
+    held = np.zeros((num_layers, num_experts, num_nodes), dtype=np.int64)
+    np.add.at(held, (rows[:, None], expert, node.clip(min=0)), pinned)
+    held_rows = held.reshape(-1, num_nodes)
     node_limit = np.take_along_axis(-(-counts // num_nodes), expert, 1)  # spread each expert over distinct nodes
-    for k in range(int(pinned.sum(1).min()), num_slots):
-        e, todo = expert[:, k], ~pinned[:, k]
-        load = node_mu + mu[:, k : k + 1]
+    layer_expert, layer_node = rows * num_experts, rows * num_nodes
+    expert_k, mu_k, pinned_k, limit_k = (np.ascontiguousarray(t.T) for t in (expert, mu, pinned, node_limit))
+    num_pinned = pinned.sum(1)
+    some_pinned = int(num_pinned.max())  # from here on every row places a free replica
+    for k in range(int(num_pinned.min()), num_slots):
+        e, m = expert_k[k], mu_k[k]
+        load = node_mu + m[:, None]
         if risk:
             load = load + risk * np.linalg.norm(node_dev + dev[:, k, None], axis=-1)
-        crowded = held[rows, :, e] >= node_limit[:, k : k + 1]
+        crowded = held_rows[layer_expert + e] >= limit_k[k][:, None]
         # Tiers: a node with room and a replica of e to spare, then any node with room.
         tiered = load + crowded * (1.0 + load.max(1, keepdims=True))
         choice = np.where(filled >= per_node, np.inf, tiered).argmin(1)
-        r, n = rows[todo], choice[todo]
-        node[r, k] = n
-        filled[r, n] += 1
-        node_mu[r, n] += mu[r, k]
+        if k < some_pinned:
+            todo = ~pinned_k[k]
+            choice = np.where(todo, choice, node[:, k])
+            r = rows[todo]
+        else:
+            todo, r = 1, rows
+        node[:, k] = choice
+        filled.reshape(-1)[layer_node + choice] += todo
+        node_mu.reshape(-1)[layer_node + choice] += m * todo
         if risk:
-            node_dev[r, n] += dev[r, k]
-        held[r, n, e[r]] += 1
+            node_dev[r, choice[r]] += dev[r, k]
+        held.reshape(-1)[(layer_expert + e) * num_nodes + choice] += todo
     # Slot within the node: rank among the replicas dealt to the same node, in dealing order.
     grouped = np.argsort(node, axis=1, kind="stable")
     # Pinned replicas and those of experts spread over nodes keep their node from now on.

@@ -304,9 +304,9 @@ def waterfill_triton(
     ``topk_ids`` and ``topk_weights`` must be contiguous; ``shared_weight`` is a one-element
     tensor of the weights' dtype (so a float64 weight is not rounded through float32).
     ``tables``: ``[2, W]`` int64, the fixed ``reference.rank_tables`` when ``fixed_tables``, else a
-    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 5]`` int64, zeros before its first use, where
-    the source counts the batch: the grid's counters (see ``_grid_count``), kept by the kernel
-    between launches; one buffer per stream (two launches must not share it at once).
+    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 5]`` int64, zeros before its
+    first use, where the source counts the batch: the grid's counters (see ``_grid_count``), kept
+    by the kernel between launches; one buffer per stream (two launches must not share it at once).
     """
     m, k = topk_ids.shape
     out_ids = torch.empty(m, k + 1, dtype=topk_ids.dtype, device=topk_ids.device)

@@ -576,11 +576,11 @@ def _split_nodes(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, counts: np
     expert, mu, pinned, dev = (t[rows[:, None], order] for t in (expert, mu, pinned, dev))
     node = np.where(pinned, np.take_along_axis(home, expert, 1) if home is not None else 0, -1)  # -1: not placed
     one_hot = (node[..., None] == np.arange(num_nodes)) & pinned[..., None]  # [L, P, N]
-    filled = one_hot.sum(1)
-    node_mu = np.einsum("lp,lpn->ln", mu, one_hot.astype(np.float64))
+    # Contiguous, so that the flat views below write through: this loop runs once per slot,
+    # and small fancy-indexing calls would dominate it. held[l, e, n]: replicas of e on node n.
+    filled = np.ascontiguousarray(one_hot.sum(1))
+    node_mu = np.ascontiguousarray(np.einsum("lp,lpn->ln", mu, one_hot.astype(np.float64)))
     node_dev = np.einsum("lpk,lpn->lnk", dev, one_hot.astype(np.float64))
-    # held[l, e, n]: replicas of expert e on node n; flat indices below, since this loop runs
-    # once per slot and small fancy-indexing calls would dominate it.
     held = np.zeros((num_layers, num_experts, num_nodes), dtype=np.int64)
     np.add.at(held, (rows[:, None], expert, node.clip(min=0)), pinned)
     held_rows = held.reshape(-1, num_nodes)

@@ -28,6 +28,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 CASES = [
     (288, 16, 8, 300, {}),
     (288, 16, 8, 300, {"rank_load": "skewed"}),  # estimate="batch"
+    (288, 16, 8, 64, {"rank_load": "skewed"}),  # counts a single tile
     (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded"}),
     (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "rank": 14}),  # a rank below the level
     (288, 16, 8, 300, {"rank_load": "skewed", "estimate": "recorded", "move": "all"}),

@@ -430,7 +430,7 @@ class WaterfillBalancer:
             # source counts the batch, uses the rest as the grid's counters.
             w = self.ep_size
             scratch = self._buffer(
-                ("scratch", device), lambda: torch.zeros(4 * w + 5, dtype=torch.int64, device=device)
+                ("scratch", device), lambda: torch.zeros(4 * w + 3, dtype=torch.int64, device=device)
             )
             return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only,
                                     scratch[: 2 * w].view(2, w), sync=scratch[2 * w :])

@@ -4,16 +4,19 @@ It computes exactly what ``eplb.waterfill.reference.waterfill_torch`` computes. 
 handles ``BLOCK_M`` tokens at a time, one per lane. With fixed rank tables (static mode with
 ``estimate="recorded"``) a token's work is O(K) whatever the EP size: ``K`` steps of a weighted
 reservoir draw over its routed ranks, which reads each rank's weight from the ``[2, W]`` table
-(a few hundred bytes, cached) and skips repeated ranks with a bitmask. Otherwise every program
-first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values) and
+(a few hundred bytes, cached) and skips repeated ranks with a bitmask (one lane per token
+and a serial draw measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
+first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values; a
+bitonic sort measured slower at EP16 and faster only from EP64) and
 writes them to a scratch buffer it then reads back: the programs write identical values, so
 that needs no barrier (holding them in registers and gathering from them measured slower).
 Where those loads need this batch's counts (static mode's batch rules, the tile rule),
 the launch is persistent (at most one program per SM, so all are resident; kernels on other
 streams can delay a program's start, not block it, as none waits on this one) and counts the batch
-across the grid: each program adds its tiles' counts with integer atomics, then waits at a grid
-barrier; two sets of counters alternate between launches, so each launch leaves the next one's
-set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its zero
+across the grid: each program adds its tiles' counts with integer atomics, each count carrying
+an arrival mark in its high bits, and polls until every count shows all programs' marks (no
+fence and no barrier counter); two sets of counters alternate between launches, so each launch
+leaves the next one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its zero
 fill cost two more launches; counting the whole batch in every program, ten times the fixed
 rule.) Imported on first use (triton is optional). On CPU tensors it runs under the Triton
 interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs one
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from eplb.dispatch.hashing import MUL1, MUL2, UNIFORM_BITS
-from eplb.waterfill.reference import EXCESS_BITS, WEIGHT_BITS, Rule, Source
+from eplb.waterfill.reference import EXCESS_BITS, NO_FALLBACK, WEIGHT_BITS, Rule, Source
 
 # Kernels read module globals only as constexprs.
 _WEIGHT_BITS = tl.constexpr(WEIGHT_BITS)
@@ -37,6 +40,9 @@ _EXCESS_BITS = tl.constexpr(EXCESS_BITS)
 _UNIFORM_BITS = tl.constexpr(UNIFORM_BITS)
 _MUL1 = tl.constexpr(MUL1)
 _MUL2 = tl.constexpr(MUL2)
+_NO_FALLBACK = tl.constexpr(NO_FALLBACK)
+# A grid count entry keeps, from this bit up, how many programs have added to it.
+_ARRIVED_SHIFT = tl.constexpr(40)
 # Ids binned per program of the count kernel.
 _COUNT_IDS = 4096
 # Tokens per program and its warps: one token per lane; small programs spread a batch of a few
@@ -87,19 +93,20 @@ def _count_kernel(ids_ptr, out_ptr, num_tokens,
 @triton.jit
 def _grid_count(ids_ptr, sync_ptr, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
                 W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """Count the whole batch (``local_counts``) across the grid; returns where the counts are.
+    """``(load [W_PAD], tokens)``: the whole batch's ``local_counts``, counted across the grid.
 
-    ``sync_ptr``: int64 ``[2 * W + 5]``, zeros before the first launch: the generation ``g``
-    (0 or 1), two arrival counters, then two ``[W + 1]`` count vectors. A launch counts into
-    set ``g`` and, once every program has arrived (so has read ``g``), program 0 zeroes set
-    ``1 - g``, which the previous launch used and has finished with (launches on a stream run
-    in order), and flips ``g``: no program waits on anything but the one barrier.
+    ``sync_ptr``: int64 ``[2 * W + 3]``, zeros before the first launch: the generation ``g`` (0
+    or 1), then two ``[W + 1]`` count vectors. Each program adds its counts plus
+    ``2**_ARRIVED_SHIFT`` to every entry of set ``g`` and polls the set until every entry shows
+    all programs' adds: each entry is its own arrival counter, whatever order the adds land in,
+    so the count needs no fence and no separate barrier. Once complete (so every program has read
+    ``g``), program 0 zeroes set ``1 - g``, which the previous launch used and has finished with
+    (launches on a stream run in order), and flips ``g``; nothing waits on that.
     """
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     gen = tl.load(sync_ptr, volatile=True)
-    arrived_ptr = sync_ptr + 1 + gen
-    counts_ptr = sync_ptr + 3 + gen * (W + 1)
+    counts_ptr = sync_ptr + 1 + gen * (W + 1)
     hist = tl.zeros([W_PAD], dtype=tl.int32)
     tokens = tl.zeros([], dtype=tl.int64)
     for t in range(TILES):
@@ -108,37 +115,42 @@ def _grid_count(ids_ptr, sync_ptr, num_tokens, K: tl.constexpr, K_PAD: tl.conste
         hist += h
         tokens += n
     ranks = tl.arange(0, W_PAD)
-    tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64), mask=ranks < W, sem="relaxed")
-    tl.atomic_add(counts_ptr + W, tokens, sem="relaxed")
-    # All lanes' counts go in before the arrival (as in a cooperative grid sync).
-    tl.debug_barrier()
-    # The last to arrive learns it from its own add and does not poll.
-    arrived = tl.atomic_add(arrived_ptr, 1, sem="acq_rel") + 1
-    while arrived < grid:
-        arrived = tl.atomic_add(arrived_ptr, 0, sem="acquire")
+    rank_ok = ranks < W
+    arrival = tl.full([], 1, tl.int64) << _ARRIVED_SHIFT
+    tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64) + arrival, mask=rank_ok, sem="relaxed")
+    tl.atomic_add(counts_ptr + W, tokens + arrival, sem="relaxed")
+    # Volatile: the other programs' adds land in L2 during this launch (L1 is not coherent).
+    # The loop condition is a reduction, so every lane leaves the loop at once (a lane-wise
+    # condition could leave one lane waiting at the reduction's barrier for another that left).
+    complete = grid.to(tl.int64) << _ARRIVED_SHIFT
+    entries = tl.arange(0, 2 * W_PAD)
+    polled = counts_ptr + entries
+    while tl.min(tl.load(polled, mask=entries <= W, other=complete, volatile=True), axis=0) < complete:
+        pass
+    # A vector is held in several copies across the lanes and the reduction checked one copy of
+    # each entry, so read the counts again, now that every add has landed.
+    load = tl.load(counts_ptr + ranks, mask=rank_ok, other=complete, volatile=True)
+    tokens = tl.load(counts_ptr + W, volatile=True)
     if pid == 0:
-        spent = sync_ptr + 3 + (1 - gen) * (W + 1)
-        tl.store(spent + ranks, tl.zeros([W_PAD], dtype=tl.int64), mask=ranks < W)
+        spent = sync_ptr + 1 + (1 - gen) * (W + 1)
+        tl.store(spent + ranks, tl.zeros([W_PAD], dtype=tl.int64), mask=rank_ok)
         tl.store(spent + W, 0)
-        tl.store(sync_ptr + 2 - gen, 0)
         tl.store(sync_ptr, 1 - gen)
-    tl.debug_barrier()
-    return counts_ptr
+    return tl.where(rank_ok, load - complete, 0), tokens - complete
 
 
 @triton.jit
-def _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
+def _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
                   W: tl.constexpr, W_PAD: tl.constexpr,
                   SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, TILE: tl.constexpr):
     """``reference.rank_tables(reference.rank_weights(...))`` of this step, stored at ``tables_ptr``
-    (``counts_ptr``: this batch's ``local_counts``, read where the source or the tile rule needs them)."""
+    (``counts [W_PAD]`` and ``local_tokens``: this batch's ``local_counts``, where the source or
+    the tile rule needs them)."""
     ranks = tl.arange(0, W_PAD)
     rank_ok = ranks < W
     # Rank loads [W] and the shared load, and the step's tokens for the tile rule.
     if SOURCE == 0 or SOURCE == 3:
-        # Volatile: other programs added to the counts during this launch (L1 is not coherent).
-        load = tl.load(counts_ptr + ranks, mask=rank_ok, other=0, volatile=True)
-        local_tokens = tl.load(counts_ptr + W, volatile=True)
+        load = counts
         shared = local_tokens
         tokens_this_step = local_tokens * W
         if SOURCE == 3:  # the others' recorded excess per token, times this batch's tokens
@@ -151,7 +163,7 @@ def _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, loca
         shared = tl.load(loads_ptr + W)
         tokens_this_step = shared
         if SOURCE == 1 and TILE:
-            tokens_this_step = tl.load(counts_ptr + W, volatile=True) * W
+            tokens_this_step = local_tokens * W
     # Weights: deficits below the water level (reference._water_level, rank_weights).
     below_or_equal = (load[None, :] <= load[:, None]) & rank_ok[None, :]
     gap = tl.sum(tl.where(below_or_equal, load[:, None] - load[None, :], 0), axis=1)
@@ -165,16 +177,13 @@ def _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, loca
         keep = (weight * tokens_this_step >= min_tile_tokens * tl.sum(weight, axis=0)) | (
             weight == tl.max(weight, axis=0))
         weight = tl.where(keep, weight, 0)
-    # Tables (reference.rank_tables): weight x preference; fallback keys by load order.
+    # Tables (reference.rank_tables): weight x preference; fallback keys are the loads.
     own = ranks == rank
     drawn = weight * tl.where(own, local_weight, remote_weight).to(tl.int64)
-    before = ((load[None, :] < load[:, None]) | ((load[None, :] == load[:, None]) & (ranks[None, :] < ranks[:, None])))
-    order = tl.sum((before & rank_ok[None, :]).to(tl.int64), axis=1)
     own_load = tl.sum(tl.where(own, load, 0), axis=0)
     lower = (~own) & (load * local_weight < own_load * remote_weight)
-    key = tl.where(lower, order * W + ranks, W * W)
     tl.store(tables_ptr + ranks, drawn, mask=rank_ok)
-    tl.store(tables_ptr + W + ranks, key, mask=rank_ok)
+    tl.store(tables_ptr + W + ranks, tl.where(lower, load, _NO_FALLBACK), mask=rank_ok)
     # Makes this program's stores visible to all its lanes before they read the tables.
     tl.debug_barrier()
 
@@ -190,11 +199,12 @@ def _waterfill_kernel(
 ):
     """``TILES`` tiles of ``BLOCK`` tokens per program, strided by the grid; ``COUNT``: count the
     batch across the grid first (``_grid_count``), into ``sync_ptr``."""
-    counts_ptr = sync_ptr
+    counts = tl.zeros([W_PAD], dtype=tl.int64)
+    local_tokens = tl.zeros([], dtype=tl.int64)
     if COUNT:
-        counts_ptr = _grid_count(ids_ptr, sync_ptr, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES)
+        counts, local_tokens = _grid_count(ids_ptr, sync_ptr, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES)
     if not (FIXED_TABLES or LOCAL_ONLY):
-        _build_tables(counts_ptr, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
+        _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
                       W, W_PAD, SOURCE, HAS_LOADS, TILE)
     for t in range(TILES):
         rows = (tl.program_id(0) + t * tl.num_programs(0)) * BLOCK + tl.arange(0, BLOCK)
@@ -229,8 +239,9 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
             total = tl.zeros([BLOCK], dtype=tl.int64) + tl.sum(weight, axis=0)
             u = (_entry_uniform(rows * K, key) * total) >> _UNIFORM_BITS
             chosen = tl.sum((tl.cumsum(weight, axis=0)[None, :] <= u[:, None]).to(tl.int64), axis=1)
-            least = tl.min(tl.load(tables_ptr + W + ranks, mask=ranks < W, other=W * W), axis=0)
-            fallback_key = tl.zeros([BLOCK], dtype=tl.int64) + least
+            keys = tl.load(tables_ptr + W + ranks, mask=ranks < W, other=_NO_FALLBACK)
+            least = tl.min(keys, axis=0)
+            fallback = tl.zeros([BLOCK], dtype=tl.int64) + tl.min(tl.where(keys == least, ranks, W), axis=0)
         else:
             # Chao's weighted reservoir over the own rank and the routed ranks, each counted once
             # (a bitmask of 64-rank words marks the ranks seen).
@@ -238,7 +249,8 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
             seen = tl.where((words == rank // 64)[None, :], tl.full([BLOCK, WORDS], 1, tl.int64) << (rank % 64), 0)
             total = tl.zeros([BLOCK], dtype=tl.int64) + tl.load(tables_ptr + rank)
             chosen = tl.zeros([BLOCK], dtype=tl.int64) + rank
-            fallback_key = tl.full([BLOCK], W * W, tl.int64)
+            fallback_key = tl.full([BLOCK], _NO_FALLBACK, tl.int64)
+            fallback = tl.zeros([BLOCK], dtype=tl.int64) + rank
             for k in tl.static_range(K):
                 idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
                 valid = idk >= 0
@@ -251,8 +263,11 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
                 total += w_k
                 replaces = _entry_uniform(rows * K + k, key) * total < (w_k << _UNIFORM_BITS)
                 chosen = tl.where(replaces, r.to(tl.int64), chosen)
-                fallback_key = tl.minimum(fallback_key, tl.load(tables_ptr + W + r, mask=new, other=W * W))
-        fallback = tl.where(fallback_key < W * W, fallback_key % W, rank)
+                # The least-loaded candidate, ties by the lowest rank.
+                key_k = tl.load(tables_ptr + W + r, mask=new, other=_NO_FALLBACK)
+                better = (key_k < fallback_key) | ((key_k == fallback_key) & (r.to(tl.int64) < fallback))
+                fallback = tl.where(better & (key_k < _NO_FALLBACK), r.to(tl.int64), fallback)
+                fallback_key = tl.minimum(fallback_key, key_k)
         dest = tl.where(total > 0, chosen, fallback)
     # The shared column: -1 and weight 0 for a token without routed entries.
     has_valid = tl.max(routed.to(tl.int32), axis=1) > 0
@@ -304,7 +319,7 @@ def waterfill_triton(
     ``topk_ids`` and ``topk_weights`` must be contiguous; ``shared_weight`` is a one-element
     tensor of the weights' dtype (so a float64 weight is not rounded through float32).
     ``tables``: ``[2, W]`` int64, the fixed ``reference.rank_tables`` when ``fixed_tables``, else a
-    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 5]`` int64, zeros before its
+    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 3]`` int64, zeros before its
     first use, where the source counts the batch: the grid's counters (see ``_grid_count``), kept
     by the kernel between launches; one buffer per stream (two launches must not share it at once).
     """
@@ -320,8 +335,8 @@ def waterfill_triton(
     num_tiles = triton.cdiv(m, block)
     tiles = 1
     if count:
-        if sync is None or sync.shape != (2 * rule.ep_size + 5,):
-            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({2 * rule.ep_size + 5},)")
+        if sync is None or sync.shape != (2 * rule.ep_size + 3,):
+            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({2 * rule.ep_size + 3},)")
         # All programs must be resident at the barrier; a power of two keeps the compiled
         # variants few as the batch size varies.
         tiles = triton.next_power_of_2(triton.cdiv(num_tiles, _resident_programs(topk_ids.device)))

@@ -30,8 +30,9 @@ from eplb.waterfill.layout import expand_routed_ids, shared_slot
 # Rank weights are quantised below 2**WEIGHT_BITS: with a local preference of at most 2**10 / 64
 # and at most MAX_EP_SIZE ranks, a token's weight sum times a 24-bit uniform stays inside int64.
 WEIGHT_BITS = 12
-# Fallback keys (load order * W + rank) stay below 2**24, so the kernel keeps them in int32.
 MAX_EP_SIZE = 1 << 12
+# The fallback key of a rank that is no fallback: above every load.
+NO_FALLBACK = torch.iinfo(torch.int64).max
 # Fixed-point fraction bits of the recorded excess per token (Source.BATCH_OFFSET): it is at most
 # K * (W - 1) * 2**EXCESS_BITS, so times a batch's token count it stays far inside int64.
 EXCESS_BITS = 16
@@ -71,11 +72,6 @@ class Rule:
     remote_weight: int
     min_tile_tokens: int
 
-    @property
-    def no_fallback(self) -> int:
-        """The fallback key of a rank that is no fallback: above every real key."""
-        return self.ep_size * self.ep_size
-
 
 def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> torch.Tensor:
     """``[W + 1]`` int64: routed entries of this batch per rank, then its tokens with any routed entry.
@@ -106,13 +102,14 @@ def _water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     With the loads sorted, the ranks below ``T`` are those whose fill gap
     ``sum_{i: l_i <= l_r} (l_r - l_i)`` is less than the shared load, a prefix; ``count`` of them,
-    and ``count * T`` is the shared load plus their loads. Integers only and O(W**2) compares (no
-    sort, as in the kernel); the height is scaled by ``count`` so that it stays an integer.
+    and ``count * T`` is the shared load plus their loads. In sorted order the gap of position
+    ``p`` is ``(p + 1) * l_p`` minus the prefix sum (tied loads get the same gap). Integers only;
+    the height is scaled by ``count`` so that it stays an integer.
     """
     load, shared = loads[:-1], loads[-1]
-    below_or_equal = load.unsqueeze(0) <= load.unsqueeze(1)  # [j, i]: l_i <= l_j
-    gap = torch.where(below_or_equal, load.unsqueeze(1) - load.unsqueeze(0), 0).sum(1)
-    top_wet = torch.where(gap < shared, load, -1).max()
+    ordered = load.sort().values
+    gap = torch.arange(1, load.numel() + 1, device=load.device) * ordered - ordered.cumsum(0)
+    top_wet = torch.where(gap < shared, ordered, -1).max()
     wet = load <= top_wet
     count, level = wet.sum(), shared + torch.where(wet, load, 0).sum()
     return level - load * count, count
@@ -204,21 +201,15 @@ def rank_tables(weights: torch.Tensor, loads: torch.Tensor, rule: Rule) -> torch
 
     Row 0 is the weight times the local preference (``local_weight`` for the own rank,
     ``remote_weight`` for the others). Row 1 ranks the fallbacks of a token whose candidates all
-    weigh 0: an other rank whose load is below the own rank's by the local preference gets key
-    ``order * W + rank`` (``order``: its position by load, ties by rank, so the least-loaded
-    candidate has the smallest key), every other rank ``rule.no_fallback``.
+    weigh 0: an other rank whose load is below the own rank's by the local preference has its
+    load as key (the least-loaded such candidate wins, ties by rank), every other rank
+    ``NO_FALLBACK``.
     """
-    w, rank = rule.ep_size, rule.rank
     load = loads[:-1]
-    ranks = torch.arange(w, device=load.device)
-    own = ranks == rank
+    own = torch.arange(rule.ep_size, device=load.device) == rule.rank
     drawn = weights * torch.where(own, rule.local_weight, rule.remote_weight)
-    before = (load.unsqueeze(0) < load.unsqueeze(1)) | (
-        (load.unsqueeze(0) == load.unsqueeze(1)) & (ranks.unsqueeze(0) < ranks.unsqueeze(1))
-    )  # [r, j]: rank j comes before rank r
-    order = before.sum(1)
-    lower = ~own & (load * rule.local_weight < load[rank] * rule.remote_weight)
-    return torch.stack([drawn, torch.where(lower, order * w + ranks, rule.no_fallback)])
+    lower = ~own & (load * rule.local_weight < load[rule.rank] * rule.remote_weight)
+    return torch.stack([drawn, torch.where(lower, load, NO_FALLBACK)])
 
 
 def choose_shared_rank(topk_ids: torch.Tensor, tables: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -233,10 +224,11 @@ def choose_shared_rank(topk_ids: torch.Tensor, tables: torch.Tensor, rule: Rule)
     routed entries in top-k order, each counted once. A weighted reservoir draw (Chao's) walks
     them in that order: candidate ``k`` replaces the current choice when the 24-bit hash of entry
     ``(m, k)`` is below ``w_k / (w_own + ... + w_k)``, which picks each with probability ``w_k /
-    total`` in one pass (the kernel keeps O(1) state per token, whatever ``W``).
+    total``; the last candidate that replaces wins, so the draw is a prefix sum over ``K``
+    columns, whatever ``W``.
     ``candidates="all"``: the 24-bit hash of entry ``(m, 0)`` picks a rank by inverse CDF over
     all ranks in rank order. A token whose candidates all weigh 0 takes the other candidate with
-    the smallest fallback key, or stays on its own rank when none has one.
+    the smallest fallback key (ties: the lowest rank), or stays on its own rank when none has one.
     """
     m, k = topk_ids.shape
     weight, fallback_key = tables
@@ -245,7 +237,10 @@ def choose_shared_rank(topk_ids: torch.Tensor, tables: torch.Tensor, rule: Rule)
         cumulative = weight.cumsum(0)
         total = cumulative[-1].expand(m)
         drawn = (cumulative <= (uniform[:, :1] * total.unsqueeze(1) >> UNIFORM_BITS)).sum(1)
-        key = fallback_key.min().expand(m)
+        least = fallback_key.min()
+        fallback_rank = torch.where(fallback_key == least, torch.arange(rule.ep_size, device=weight.device),
+                                    rule.ep_size).min().expand(m)
+        least = least.expand(m)
     else:
         ranks = torch.where(topk_ids >= 0, torch.div(topk_ids, rule.slots_per_rank, rounding_mode="floor"), -1).long()
         repeated = (ranks.unsqueeze(2) == ranks.unsqueeze(1)).tril(-1).any(2)  # equals an earlier column
@@ -257,8 +252,11 @@ def choose_shared_rank(topk_ids: torch.Tensor, tables: torch.Tensor, rule: Rule)
         last = torch.where(replaces, torch.arange(k, device=ranks.device), -1).max(1).values
         drawn = torch.where(last >= 0, ranks.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1), rule.rank)
         total = prefix[:, -1]
-        key = torch.where(new, fallback_key[safe], rule.no_fallback).min(1).values
-    fallback = torch.where(key < rule.no_fallback, key % rule.ep_size, rule.rank)
+        key = torch.where(new, fallback_key[safe], NO_FALLBACK)
+        least = key.min(1, keepdim=True).values
+        fallback_rank = torch.where(key == least, ranks, rule.ep_size).min(1).values
+        least = least.squeeze(1)
+    fallback = torch.where(least < NO_FALLBACK, fallback_rank, rule.rank)
     return torch.where(total > 0, drawn, fallback)
 
 

@@ -4,23 +4,23 @@ It computes exactly what ``eplb.waterfill.reference.waterfill_torch`` computes. 
 handles ``BLOCK_M`` tokens at a time, one per lane. With fixed rank tables (static mode with
 ``estimate="recorded"``) a token's work is O(K) whatever the EP size: ``K`` steps of a weighted
 reservoir draw over its routed ranks, which reads each rank's weight from the ``[2, W]`` table
-(a few hundred bytes, cached) and skips repeated ranks with a bitmask (one lane per token
-and a serial draw measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
+(a few hundred bytes, cached) and skips repeated ranks with a bitmask (one lane per token and
+a serial draw measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
 first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values; a
-bitonic sort measured slower at EP16 and faster only from EP64) and
-writes them to a scratch buffer it then reads back: the programs write identical values, so
-that needs no barrier (holding them in registers and gathering from them measured slower).
-Where those loads need this batch's counts (static mode's batch rules, the tile rule),
-the launch is persistent (at most one program per SM, so all are resident; kernels on other
-streams can delay a program's start, not block it, as none waits on this one) and counts the batch
-across the grid: each program adds its tiles' counts with integer atomics, each count carrying
-an arrival mark in its high bits, and polls until every count shows all programs' marks (no
-fence and no barrier counter); two sets of counters alternate between launches, so each launch
-leaves the next one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its zero
-fill cost two more launches; counting the whole batch in every program, ten times the fixed
-rule.) Imported on first use (triton is optional). On CPU tensors it runs under the Triton
-interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs one
-program, and takes compile-time trip counts for loops.
+bitonic sort measured slower at EP16, faster only from EP64) and writes them to a scratch
+buffer it then reads back: the programs write identical values, so that needs no barrier
+(holding them in registers and gathering from them measured slower). Where those loads need
+this batch's counts (static mode's batch rules, the tile rule), the launch is persistent (at
+most one program per SM, so all are resident; kernels on other streams can delay a program's
+start, not block it, as none waits on this one) and counts the batch across the grid: each
+program adds its tiles' counts with integer atomics, each count carrying an arrival mark in its
+high bits, and polls until every count shows all programs' marks (no fence and no barrier
+counter); two sets of counters alternate between launches, so each launch leaves the next
+one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its
+zero fill cost two more launches; counting the whole batch in every program, ten times the
+fixed rule.) Imported on first use (triton is optional). On CPU tensors it runs under the
+Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs
+one program, and takes compile-time trip counts for loops.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Waterfill as one Triton kernel: count, choose and expand in a single launch.
 
 It computes exactly what ``eplb.waterfill.reference.waterfill_torch`` computes. Each program
-handles ``BLOCK_M`` tokens at a time, one per lane. With fixed rank tables (static mode with
-``estimate="recorded"``) a token's work is O(K) whatever the EP size: ``K`` steps of a weighted
-reservoir draw over its routed ranks, which reads each rank's weight from the ``[2, W]`` table
-(a few hundred bytes, cached) and skips repeated ranks with a bitmask (one lane per token and
-a serial draw measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
+handles ``BLOCK_M`` tokens at a time, one per lane, column by column. With fixed rank tables
+(static mode with ``estimate="recorded"``) a token's work is O(K) whatever the EP size: ``K``
+steps of a weighted reservoir draw over its routed ranks, which reads each rank's weight from the
+``[2, W]`` table (a few hundred bytes, cached) and skips repeated ranks with a bitmask (a serial
+draw per lane measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
 first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values; a
 bitonic sort measured slower at EP16, faster only from EP64) and writes them to a scratch
 buffer it then reads back: the programs write identical values, so that needs no barrier
@@ -14,13 +14,13 @@ this batch's counts (static mode's batch rules, the tile rule), the launch is pe
 most one program per SM, so all are resident; kernels on other streams can delay a program's
 start, not block it, as none waits on this one) and counts the batch across the grid: each
 program adds its tiles' counts with integer atomics, each count carrying an arrival mark in its
-high bits, and polls until every count shows all programs' marks (no fence and no barrier
-counter); two sets of counters alternate between launches, so each launch leaves the next
-one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and its
-zero fill cost two more launches; counting the whole batch in every program, ten times the
+high bits, and each lane spins on one count until it shows all programs' marks (no fence and no
+barrier counter); two sets of counters alternate between launches, so each launch leaves the
+next one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and
+its zero fill cost two more launches; counting the whole batch in every program, ten times the
 fixed rule.) Imported on first use (triton is optional). On CPU tensors it runs under the
 Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs
-one program, and takes compile-time trip counts for loops.
+one program, has no inline PTX, and takes compile-time trip counts for loops.
 """
 
 from __future__ import annotations
@@ -91,21 +91,39 @@ def _count_kernel(ids_ptr, out_ptr, num_tokens,
 
 
 @triton.jit
-def _grid_count(ids_ptr, sync_ptr, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
-                W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+def _wait_at_least(ptrs, threshold, SPIN: tl.constexpr):
+    """The int64 values at ``ptrs`` (any shape) once each is at least ``threshold``.
+
+    Every lane polls its own copy of each value (a spin loop in PTX, one per element it holds):
+    a Triton vector is held in several copies across a program's lanes, and a loop on a reduction
+    of it checks one copy, so another lane could leave with a stale one. Volatile loads, as other
+    programs' adds land in L2 during this launch (L1 is not coherent). ``SPIN`` false (the
+    interpreter, which has no inline PTX and runs one program): one load.
+    """
+    if SPIN:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred done; spin: ld.volatile.global.b64 $0, [$1]; setp.ge.s64 done, $0, $2; @!done bra spin; }",
+            "=l,l,l", [ptrs, threshold], dtype=tl.int64, is_pure=False, pack=1)
+    else:
+        return tl.load(ptrs, volatile=True)
+
+
+@triton.jit
+def _grid_count(ids_ptr, sync_ptr, gen, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
+                W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
+                POLL: tl.constexpr, SPIN: tl.constexpr):
     """``(load [W_PAD], tokens)``: the whole batch's ``local_counts``, counted across the grid.
 
     ``sync_ptr``: int64 ``[2 * W + 3]``, zeros before the first launch: the generation ``g`` (0
     or 1), then two ``[W + 1]`` count vectors. Each program adds its counts plus
-    ``2**_ARRIVED_SHIFT`` to every entry of set ``g`` and polls the set until every entry shows
-    all programs' adds: each entry is its own arrival counter, whatever order the adds land in,
-    so the count needs no fence and no separate barrier. Once complete (so every program has read
-    ``g``), program 0 zeroes set ``1 - g``, which the previous launch used and has finished with
-    (launches on a stream run in order), and flips ``g``; nothing waits on that.
+    ``2**_ARRIVED_SHIFT`` to every entry of set ``g`` and waits until every entry shows all
+    programs' adds: each entry is its own arrival counter, whatever order the adds land in, so the
+    count needs no fence and no separate barrier. Once complete (so every program has read ``g``),
+    program 0 zeroes set ``1 - g``, which the previous launch used and has finished with (launches
+    on a stream run in order), and flips ``g``; nothing waits on that.
     """
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    gen = tl.load(sync_ptr, volatile=True)
     counts_ptr = sync_ptr + 1 + gen * (W + 1)
     hist = tl.zeros([W_PAD], dtype=tl.int32)
     tokens = tl.zeros([], dtype=tl.int64)
@@ -119,33 +137,27 @@ def _grid_count(ids_ptr, sync_ptr, num_tokens, K: tl.constexpr, K_PAD: tl.conste
     arrival = tl.full([], 1, tl.int64) << _ARRIVED_SHIFT
     tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64) + arrival, mask=rank_ok, sem="relaxed")
     tl.atomic_add(counts_ptr + W, tokens + arrival, sem="relaxed")
-    # Volatile: the other programs' adds land in L2 during this launch (L1 is not coherent).
-    # The loop condition is a reduction, so every lane leaves the loop at once (a lane-wise
-    # condition could leave one lane waiting at the reduction's barrier for another that left).
     complete = grid.to(tl.int64) << _ARRIVED_SHIFT
-    entries = tl.arange(0, 2 * W_PAD)
-    polled = counts_ptr + entries
-    while tl.min(tl.load(polled, mask=entries <= W, other=complete, volatile=True), axis=0) < complete:
-        pass
-    # A vector is held in several copies across the lanes and the reduction checked one copy of
-    # each entry, so read the counts again, now that every add has landed.
-    load = tl.load(counts_ptr + ranks, mask=rank_ok, other=complete, volatile=True)
-    tokens = tl.load(counts_ptr + W, volatile=True)
+    # One entry per lane (POLL >= W + 1 lanes, the rest repeat entries), so the waits overlap.
+    lanes = tl.arange(0, POLL)
+    done = _wait_at_least(counts_ptr + lanes % (W + 1), complete, SPIN) - complete
+    load = tl.where(rank_ok, tl.gather(done, ranks, 0), 0)
+    tokens = tl.sum(tl.where(lanes == W, done, 0), axis=0)
     if pid == 0:
         spent = sync_ptr + 1 + (1 - gen) * (W + 1)
         tl.store(spent + ranks, tl.zeros([W_PAD], dtype=tl.int64), mask=rank_ok)
         tl.store(spent + W, 0)
         tl.store(sync_ptr, 1 - gen)
-    return tl.where(rank_ok, load - complete, 0), tokens - complete
+    return load, tokens
 
 
 @triton.jit
-def _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
-                  W: tl.constexpr, W_PAD: tl.constexpr,
+def _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, min_tile_tokens, local_weight,
+                  remote_weight, W: tl.constexpr, W_PAD: tl.constexpr,
                   SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, TILE: tl.constexpr):
     """``reference.rank_tables(reference.rank_weights(...))`` of this step, stored at ``tables_ptr``
     (``counts [W_PAD]`` and ``local_tokens``: this batch's ``local_counts``, where the source or
-    the tile rule needs them)."""
+    the tile rule needs them; ``given [W_PAD]`` and ``given_shared``: the ``loads`` argument)."""
     ranks = tl.arange(0, W_PAD)
     rank_ok = ranks < W
     # Rank loads [W] and the shared load, and the step's tokens for the tile rule.
@@ -154,13 +166,13 @@ def _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_to
         shared = local_tokens
         tokens_this_step = local_tokens * W
         if SOURCE == 3:  # the others' recorded excess per token, times this batch's tokens
-            load += (tl.load(loads_ptr + ranks, mask=rank_ok, other=0) * local_tokens) >> _EXCESS_BITS
+            load += (given * local_tokens) >> _EXCESS_BITS
         elif HAS_LOADS:
-            load += tl.load(loads_ptr + ranks, mask=rank_ok, other=0)
-            shared += tl.load(loads_ptr + W)
+            load += given
+            shared += given_shared
     else:
-        load = tl.load(loads_ptr + ranks, mask=rank_ok, other=0)
-        shared = tl.load(loads_ptr + W)
+        load = given
+        shared = given_shared
         tokens_this_step = shared
         if SOURCE == 1 and TILE:
             tokens_this_step = local_tokens * W
@@ -192,89 +204,105 @@ def _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_to
 def _waterfill_kernel(
     ids_ptr, weights_ptr, sync_ptr, loads_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,
     num_tokens, rank, key, min_tile_tokens, local_weight, remote_weight,
-    K: tl.constexpr, K_PAD: tl.constexpr, K1_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
     EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
     SOURCE: tl.constexpr, HAS_LOADS: tl.constexpr, FIXED_TABLES: tl.constexpr, ALL_RANKS: tl.constexpr,
-    LOCAL_ONLY: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
+    LOCAL_ONLY: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr, POLL: tl.constexpr, SPIN: tl.constexpr,
 ):
     """``TILES`` tiles of ``BLOCK`` tokens per program, strided by the grid; ``COUNT``: count the
     batch across the grid first (``_grid_count``), into ``sync_ptr``."""
     counts = tl.zeros([W_PAD], dtype=tl.int64)
     local_tokens = tl.zeros([], dtype=tl.int64)
+    # Read before the count's wait, so their latency hides in it (the generation was written by an
+    # earlier launch, or is zero, so a plain load sees it).
+    gen = tl.load(sync_ptr)
+    ranks = tl.arange(0, W_PAD)
+    given = tl.load(loads_ptr + ranks, mask=ranks < W, other=0)
+    given_shared = tl.load(loads_ptr + W)
     if COUNT:
-        counts, local_tokens = _grid_count(ids_ptr, sync_ptr, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES)
+        counts, local_tokens = _grid_count(ids_ptr, sync_ptr, gen, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES,
+                                           POLL, SPIN)
     if not (FIXED_TABLES or LOCAL_ONLY):
-        _build_tables(counts, local_tokens, loads_ptr, tables_ptr, rank, min_tile_tokens, local_weight, remote_weight,
-                      W, W_PAD, SOURCE, HAS_LOADS, TILE)
+        _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, min_tile_tokens, local_weight,
+                      remote_weight, W, W_PAD, SOURCE, HAS_LOADS, TILE)
     for t in range(TILES):
         rows = (tl.program_id(0) + t * tl.num_programs(0)) * BLOCK + tl.arange(0, BLOCK)
         _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
-                           num_tokens, rank, key, K, K1_PAD, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
+                           num_tokens, rank, key, K, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
 
 
 @triton.jit
 def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
-                       num_tokens, rank, key, K: tl.constexpr, K1_PAD: tl.constexpr, W: tl.constexpr,
-                       W_PAD: tl.constexpr, EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                       ALL_RANKS: tl.constexpr, LOCAL_ONLY: tl.constexpr):
-    """Choose the shared rank of the tokens ``rows`` from the tables and write their expanded rows."""
+                       num_tokens, rank, key, K: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+                       EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr, ALL_RANKS: tl.constexpr,
+                       LOCAL_ONLY: tl.constexpr):
+    """Choose the shared rank of the tokens ``rows`` from the tables and write their expanded rows.
+
+    Column by column, one token per lane: a ``[BLOCK, K]`` tile would be loaded in one layout and
+    stored in another (the expanded rows are ``K + 1`` long), a conversion through shared memory.
+    Every load comes before the first store, as the compiler cannot move a load past a store that
+    might alias it.
+    """
     row_ok = rows < num_tokens
-    # The routed columns first (p -> p + p // epr): they do not depend on the choice, so their
-    # loads and stores overlap it.
-    cols = tl.arange(0, K1_PAD)
-    inside = row_ok[:, None] & (cols < K)[None, :]
-    ids = tl.load(ids_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=-1)
-    wts = tl.load(weights_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0)
-    routed = ids >= 0
-    out = rows[:, None] * (K + 1) + cols[None, :]
-    tl.store(out_ids_ptr + out, tl.where(routed, ids + ids // EPR, ids), mask=inside)
-    tl.store(out_weights_ptr + out, tl.where(routed, wts, 0), mask=inside)
-    if LOCAL_ONLY:
-        dest = tl.zeros([BLOCK], dtype=tl.int64) + rank
+    shared_weight = tl.load(shared_weight_ptr)
+    dest = tl.zeros([BLOCK], dtype=tl.int64) + rank
+    if ALL_RANKS and not LOCAL_ONLY:
+        # Inverse CDF over all ranks (reference.choose_shared_rank, candidates="all").
+        ranks = tl.arange(0, W_PAD)
+        weight = tl.load(tables_ptr + ranks, mask=ranks < W, other=0)
+        total = tl.zeros([BLOCK], dtype=tl.int64) + tl.sum(weight, axis=0)
+        u = (_entry_uniform(rows * K, key) * total) >> _UNIFORM_BITS
+        chosen = tl.sum((tl.cumsum(weight, axis=0)[None, :] <= u[:, None]).to(tl.int64), axis=1)
+        keys = tl.load(tables_ptr + W + ranks, mask=ranks < W, other=_NO_FALLBACK)
+        least = tl.min(keys, axis=0)
+        fallback = tl.zeros([BLOCK], dtype=tl.int64) + tl.min(tl.where(keys == least, ranks, W), axis=0)
     else:
-        if ALL_RANKS:
-            # Inverse CDF over all ranks (reference.choose_shared_rank, candidates="all").
-            ranks = tl.arange(0, W_PAD)
-            weight = tl.load(tables_ptr + ranks, mask=ranks < W, other=0)
-            total = tl.zeros([BLOCK], dtype=tl.int64) + tl.sum(weight, axis=0)
-            u = (_entry_uniform(rows * K, key) * total) >> _UNIFORM_BITS
-            chosen = tl.sum((tl.cumsum(weight, axis=0)[None, :] <= u[:, None]).to(tl.int64), axis=1)
-            keys = tl.load(tables_ptr + W + ranks, mask=ranks < W, other=_NO_FALLBACK)
-            least = tl.min(keys, axis=0)
-            fallback = tl.zeros([BLOCK], dtype=tl.int64) + tl.min(tl.where(keys == least, ranks, W), axis=0)
-        else:
-            # Chao's weighted reservoir over the own rank and the routed ranks, each counted once
-            # (a bitmask of 64-rank words marks the ranks seen).
-            words = tl.arange(0, WORDS)
-            seen = tl.where((words == rank // 64)[None, :], tl.full([BLOCK, WORDS], 1, tl.int64) << (rank % 64), 0)
-            total = tl.zeros([BLOCK], dtype=tl.int64) + tl.load(tables_ptr + rank)
-            chosen = tl.zeros([BLOCK], dtype=tl.int64) + rank
-            fallback_key = tl.full([BLOCK], _NO_FALLBACK, tl.int64)
-            fallback = tl.zeros([BLOCK], dtype=tl.int64) + rank
-            for k in tl.static_range(K):
-                idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
-                valid = idk >= 0
-                r = tl.where(valid, idk.to(tl.int32) // EPR, 0)
-                bit = tl.full([BLOCK], 1, tl.int64) << (r % 64).to(tl.int64)
-                in_word = (words[None, :] == (r // 64)[:, None]) & valid[:, None]
-                new = valid & ((tl.sum(tl.where(in_word, seen, 0), axis=1) & bit) == 0)
-                seen = seen | tl.where(in_word, bit[:, None], 0)
-                w_k = tl.load(tables_ptr + r, mask=new, other=0)
-                total += w_k
-                replaces = _entry_uniform(rows * K + k, key) * total < (w_k << _UNIFORM_BITS)
-                chosen = tl.where(replaces, r.to(tl.int64), chosen)
-                # The least-loaded candidate, ties by the lowest rank.
-                key_k = tl.load(tables_ptr + W + r, mask=new, other=_NO_FALLBACK)
-                better = (key_k < fallback_key) | ((key_k == fallback_key) & (r.to(tl.int64) < fallback))
-                fallback = tl.where(better & (key_k < _NO_FALLBACK), r.to(tl.int64), fallback)
-                fallback_key = tl.minimum(fallback_key, key_k)
+        # Chao's weighted reservoir over the own rank and the routed ranks, each counted once
+        # (a bitmask of 64-rank words marks the ranks seen), drawn as the columns go by.
+        words = tl.arange(0, WORDS)
+        seen = tl.where((words == rank // 64)[None, :], tl.full([BLOCK, WORDS], 1, tl.int64) << (rank % 64), 0)
+        total = tl.zeros([BLOCK], dtype=tl.int64) + tl.load(tables_ptr + rank)
+        chosen = dest
+        fallback_key = tl.full([BLOCK], _NO_FALLBACK, tl.int64)
+        fallback = dest
+    has_valid = tl.zeros([BLOCK], dtype=tl.int1)
+    routed_ids = ()
+    routed_weights = ()
+    for k in tl.static_range(K):
+        idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
+        valid = idk >= 0
+        has_valid = has_valid | valid
+        # The routed column: p -> p + p // epr.
+        routed_ids = routed_ids + (tl.where(valid, idk + idk // EPR, idk),)
+        routed_weights = routed_weights + (tl.where(valid, tl.load(weights_ptr + rows * K + k, mask=row_ok, other=0),
+                                                    0),)
+        if not (ALL_RANKS or LOCAL_ONLY):
+            r = tl.where(valid, idk.to(tl.int32) // EPR, 0)
+            bit = tl.full([BLOCK], 1, tl.int64) << (r % 64).to(tl.int64)
+            in_word = (words[None, :] == (r // 64)[:, None]) & valid[:, None]
+            new = valid & ((tl.sum(tl.where(in_word, seen, 0), axis=1) & bit) == 0)
+            seen = seen | tl.where(in_word, bit[:, None], 0)
+            # Unmasked loads (r is a rank): a mask on the seen-chain would make each step wait
+            # for the previous one's table read.
+            w_k = tl.where(new, tl.load(tables_ptr + r), 0)
+            total += w_k
+            replaces = _entry_uniform(rows * K + k, key) * total < (w_k << _UNIFORM_BITS)
+            chosen = tl.where(replaces, r.to(tl.int64), chosen)
+            # The least-loaded candidate, ties by the lowest rank.
+            key_k = tl.where(new, tl.load(tables_ptr + W + r), _NO_FALLBACK)
+            better = (key_k < fallback_key) | ((key_k == fallback_key) & (r.to(tl.int64) < fallback))
+            fallback = tl.where(better & (key_k < _NO_FALLBACK), r.to(tl.int64), fallback)
+            fallback_key = tl.minimum(fallback_key, key_k)
+    for k in tl.static_range(K):
+        tl.store(out_ids_ptr + rows * (K + 1) + k, routed_ids[k], mask=row_ok)
+        tl.store(out_weights_ptr + rows * (K + 1) + k, routed_weights[k], mask=row_ok)
+    if not LOCAL_ONLY:
         dest = tl.where(total > 0, chosen, fallback)
     # The shared column: -1 and weight 0 for a token without routed entries.
-    has_valid = tl.max(routed.to(tl.int32), axis=1) > 0
     shared = rows * (K + 1) + K
-    tl.store(out_ids_ptr + shared, tl.where(has_valid, dest * (EPR + 1) + EPR, -1).to(ids.dtype), mask=row_ok)
-    tl.store(out_weights_ptr + shared, tl.where(has_valid, tl.load(shared_weight_ptr), 0), mask=row_ok)
-
+    tl.store(out_ids_ptr + shared, tl.where(has_valid, dest * (EPR + 1) + EPR, -1).to(out_ids_ptr.dtype.element_ty),
+             mask=row_ok)
+    tl.store(out_weights_ptr + shared, tl.where(has_valid, shared_weight, 0), mask=row_ok)
 
 
 def local_counts_triton(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> torch.Tensor:
@@ -344,10 +372,11 @@ def waterfill_triton(
         topk_ids, topk_weights, sync if count else tables, tables if loads is None else loads, tables, shared_weight,
         out_ids, out_weights,
         m, rule.rank, rule.key, rule.min_tile_tokens, rule.local_weight, rule.remote_weight,
-        K=k, K_PAD=triton.next_power_of_2(k), K1_PAD=triton.next_power_of_2(k + 1), W=rule.ep_size, W_PAD=w_pad,
+        K=k, K_PAD=triton.next_power_of_2(k), W=rule.ep_size, W_PAD=w_pad,
         EPR=rule.slots_per_rank, WORDS=triton.next_power_of_2(triton.cdiv(rule.ep_size, 64)), BLOCK=block,
         TILES=tiles, SOURCE=int(source), HAS_LOADS=loads is not None, FIXED_TABLES=fixed_tables,
         ALL_RANKS=rule.all_ranks, LOCAL_ONLY=local_only, TILE=rule.min_tile_tokens > 0, COUNT=count,
+        POLL=max(32 * NUM_WARPS, triton.next_power_of_2(rule.ep_size + 1)), SPIN=topk_ids.is_cuda,
         num_warps=NUM_WARPS,
     )
     return out_ids, out_weights

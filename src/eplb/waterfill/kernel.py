@@ -246,7 +246,9 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
     row_ok = rows < num_tokens
     shared_weight = tl.load(shared_weight_ptr)
     dest = tl.zeros([BLOCK], dtype=tl.int64) + rank
-    if ALL_RANKS and not LOCAL_ONLY:
+    if LOCAL_ONLY:
+        pass
+    elif ALL_RANKS:
         # Inverse CDF over all ranks (reference.choose_shared_rank, candidates="all").
         ranks = tl.arange(0, W_PAD)
         weight = tl.load(tables_ptr + ranks, mask=ranks < W, other=0)

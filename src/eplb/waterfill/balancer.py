@@ -417,7 +417,7 @@ class WaterfillBalancer:
         device = ids.device
         tables = self._tables(ids.shape[1], device) if self._fixed_tables else None
         if self._use_triton(ids):
-            from eplb.waterfill.kernel import waterfill_triton
+            from eplb.waterfill.kernel import sync_size, waterfill_triton
 
             shared_weight = self._buffer(
                 ("shared_weight", weights.dtype, device),
@@ -430,7 +430,7 @@ class WaterfillBalancer:
             # source counts the batch, uses the rest as the grid's counters.
             w = self.ep_size
             scratch = self._buffer(
-                ("scratch", device), lambda: torch.zeros(4 * w + 3, dtype=torch.int64, device=device)
+                ("scratch", device), lambda: torch.zeros(2 * w + sync_size(w), dtype=torch.int64, device=device)
             )
             return waterfill_triton(ids, weights, loads, shared_weight, source, self.rule, local_only,
                                     scratch[: 2 * w].view(2, w), sync=scratch[2 * w :])

@@ -15,8 +15,9 @@ most one program per SM, so all are resident; kernels on other streams can delay
 start, not block it, as none waits on this one) and counts the batch across the grid: each
 program adds its tiles' counts with integer atomics, each count carrying an arrival mark in its
 high bits, and each lane spins on one count until it shows all programs' marks (no fence and no
-barrier counter); two sets of counters alternate between launches, so each launch leaves the
-next one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and
+barrier counter), writing its first tile's routed columns (which need no table) between its add
+and its wait; two sets of counters alternate between launches, so each launch leaves the next
+one's set zeroed and stays one kernel under CUDA-graph replay. (A separate count kernel and
 its zero fill cost two more launches; counting the whole batch in every program, ten times the
 fixed rule.) Imported on first use (triton is optional). On CPU tensors it runs under the
 Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported, runs
@@ -109,18 +110,15 @@ def _wait_at_least(ptrs, threshold, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _grid_count(ids_ptr, sync_ptr, gen, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
-                W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
-                POLL: tl.constexpr, SPIN: tl.constexpr):
-    """``(load [W_PAD], tokens)``: the whole batch's ``local_counts``, counted across the grid.
+def _grid_add(ids_ptr, sync_ptr, gen, num_tokens, K: tl.constexpr, K_PAD: tl.constexpr, W: tl.constexpr,
+              W_PAD: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """Add this program's share of the batch's ``local_counts`` to the grid's count.
 
-    ``sync_ptr``: int64 ``[2 * W + 3]``, zeros before the first launch: the generation ``g`` (0
-    or 1), then two ``[W + 1]`` count vectors. Each program adds its counts plus
-    ``2**_ARRIVED_SHIFT`` to every entry of set ``g`` and waits until every entry shows all
-    programs' adds: each entry is its own arrival counter, whatever order the adds land in, so the
-    count needs no fence and no separate barrier. Once complete (so every program has read ``g``),
-    program 0 zeroes set ``1 - g``, which the previous launch used and has finished with (launches
-    on a stream run in order), and flips ``g``; nothing waits on that.
+    ``sync_ptr``: int64 ``[sync_size(W)]``, zeros before the first launch: the generation ``g``
+    (0 or 1), then two ``[W + 1]`` count vectors. Each program adds its counts plus
+    ``2**_ARRIVED_SHIFT`` to every entry of set ``g``, then (``_grid_wait``) waits until every
+    entry shows all programs' adds: each entry is its own arrival counter, whatever order the adds
+    land in, so the count needs no fence and no separate barrier.
     """
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -133,17 +131,27 @@ def _grid_count(ids_ptr, sync_ptr, gen, num_tokens, K: tl.constexpr, K_PAD: tl.c
         hist += h
         tokens += n
     ranks = tl.arange(0, W_PAD)
-    rank_ok = ranks < W
     arrival = tl.full([], 1, tl.int64) << _ARRIVED_SHIFT
-    tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64) + arrival, mask=rank_ok, sem="relaxed")
+    tl.atomic_add(counts_ptr + ranks, hist.to(tl.int64) + arrival, mask=ranks < W, sem="relaxed")
     tl.atomic_add(counts_ptr + W, tokens + arrival, sem="relaxed")
-    complete = grid.to(tl.int64) << _ARRIVED_SHIFT
+
+
+@triton.jit
+def _grid_wait(sync_ptr, gen, W: tl.constexpr, W_PAD: tl.constexpr, POLL: tl.constexpr, SPIN: tl.constexpr):
+    """``(load [W_PAD], tokens)``: the whole batch's ``local_counts`` once every program has added
+    its share (``_grid_add``). Then (every program has read ``g``) program 0 zeroes set ``1 - g``,
+    which the previous launch used and has finished with (launches on a stream run in order), and
+    flips ``g``; nothing waits on that."""
+    counts_ptr = sync_ptr + 1 + gen * (W + 1)
+    complete = tl.num_programs(0).to(tl.int64) << _ARRIVED_SHIFT
     # One entry per lane (POLL >= W + 1 lanes, the rest repeat entries), so the waits overlap.
     lanes = tl.arange(0, POLL)
     done = _wait_at_least(counts_ptr + lanes % (W + 1), complete, SPIN) - complete
+    ranks = tl.arange(0, W_PAD)
+    rank_ok = ranks < W
     load = tl.where(rank_ok, tl.gather(done, ranks, 0), 0)
     tokens = tl.sum(tl.where(lanes == W, done, 0), axis=0)
-    if pid == 0:
+    if tl.program_id(0) == 0:
         spent = sync_ptr + 1 + (1 - gen) * (W + 1)
         tl.store(spent + ranks, tl.zeros([W_PAD], dtype=tl.int64), mask=rank_ok)
         tl.store(spent + W, 0)
@@ -200,6 +208,7 @@ def _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, m
     tl.debug_barrier()
 
 
+
 @triton.jit
 def _waterfill_kernel(
     ids_ptr, weights_ptr, sync_ptr, loads_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,
@@ -210,33 +219,42 @@ def _waterfill_kernel(
     LOCAL_ONLY: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr, POLL: tl.constexpr, SPIN: tl.constexpr,
 ):
     """``TILES`` tiles of ``BLOCK`` tokens per program, strided by the grid; ``COUNT``: count the
-    batch across the grid first (``_grid_count``), into ``sync_ptr``."""
+    batch across the grid first, into ``sync_ptr``. The first tile's routed columns, which need no
+    table, are read and written while the grid count completes; values carried across the table
+    build cost it registers (measured slower from EP32), so the draw reads the ids again (cached)."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
     counts = tl.zeros([W_PAD], dtype=tl.int64)
     local_tokens = tl.zeros([], dtype=tl.int64)
-    # Read before the count's wait, so their latency hides in it (the generation was written by an
-    # earlier launch, or is zero, so a plain load sees it).
+    # The generation was written by an earlier launch, or is zero, so a plain load sees it.
     gen = tl.load(sync_ptr)
     ranks = tl.arange(0, W_PAD)
     given = tl.load(loads_ptr + ranks, mask=ranks < W, other=0)
     given_shared = tl.load(loads_ptr + W)
+    shared_weight = tl.load(shared_weight_ptr)
     if COUNT:
-        counts, local_tokens = _grid_count(ids_ptr, sync_ptr, gen, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES,
-                                           POLL, SPIN)
+        _grid_add(ids_ptr, sync_ptr, gen, num_tokens, K, K_PAD, W, W_PAD, EPR, BLOCK, TILES)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    has_valid = _expand_routed(ids_ptr, weights_ptr, out_ids_ptr, out_weights_ptr, rows, num_tokens, K, EPR, BLOCK)
+    if COUNT:
+        counts, local_tokens = _grid_wait(sync_ptr, gen, W, W_PAD, POLL, SPIN)
     if not (FIXED_TABLES or LOCAL_ONLY):
         _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, min_tile_tokens, local_weight,
                       remote_weight, W, W_PAD, SOURCE, HAS_LOADS, TILE)
-    for t in range(TILES):
-        rows = (tl.program_id(0) + t * tl.num_programs(0)) * BLOCK + tl.arange(0, BLOCK)
-        _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
-                           num_tokens, rank, key, K, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
+    _choose_shared(ids_ptr, tables_ptr, out_ids_ptr, out_weights_ptr, shared_weight, has_valid, rows, num_tokens,
+                   rank, key, K, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
+    for t in range(1, TILES):
+        rows = (pid + t * grid) * BLOCK + tl.arange(0, BLOCK)
+        has_valid = _expand_routed(ids_ptr, weights_ptr, out_ids_ptr, out_weights_ptr, rows, num_tokens, K, EPR,
+                                   BLOCK)
+        _choose_shared(ids_ptr, tables_ptr, out_ids_ptr, out_weights_ptr, shared_weight, has_valid, rows,
+                       num_tokens, rank, key, K, W, W_PAD, EPR, WORDS, BLOCK, ALL_RANKS, LOCAL_ONLY)
 
 
 @triton.jit
-def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr, rows,
-                       num_tokens, rank, key, K: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-                       EPR: tl.constexpr, WORDS: tl.constexpr, BLOCK: tl.constexpr, ALL_RANKS: tl.constexpr,
-                       LOCAL_ONLY: tl.constexpr):
-    """Choose the shared rank of the tokens ``rows`` from the tables and write their expanded rows.
+def _expand_routed(ids_ptr, weights_ptr, out_ids_ptr, out_weights_ptr, rows, num_tokens,
+                   K: tl.constexpr, EPR: tl.constexpr, BLOCK: tl.constexpr):
+    """Write the routed columns of the tokens ``rows``; return whether each has a routed entry.
 
     Column by column, one token per lane: a ``[BLOCK, K]`` tile would be loaded in one layout and
     stored in another (the expanded rows are ``K + 1`` long), a conversion through shared memory.
@@ -244,11 +262,32 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
     might alias it.
     """
     row_ok = rows < num_tokens
-    shared_weight = tl.load(shared_weight_ptr)
+    has_valid = tl.zeros([BLOCK], dtype=tl.int1)
+    routed_ids = ()
+    routed_weights = ()
+    for k in tl.static_range(K):
+        idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
+        valid = idk >= 0
+        has_valid = has_valid | valid
+        # p -> p + p // epr
+        routed_ids = routed_ids + (tl.where(valid, idk + idk // EPR, idk),)
+        routed_weights = routed_weights + (tl.where(valid, tl.load(weights_ptr + rows * K + k, mask=row_ok, other=0),
+                                                    0),)
+    for k in tl.static_range(K):
+        tl.store(out_ids_ptr + rows * (K + 1) + k, routed_ids[k], mask=row_ok)
+        tl.store(out_weights_ptr + rows * (K + 1) + k, routed_weights[k], mask=row_ok)
+    return has_valid
+
+
+@triton.jit
+def _choose_shared(ids_ptr, tables_ptr, out_ids_ptr, out_weights_ptr, shared_weight, has_valid, rows, num_tokens,
+                   rank, key, K: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, EPR: tl.constexpr,
+                   WORDS: tl.constexpr, BLOCK: tl.constexpr, ALL_RANKS: tl.constexpr, LOCAL_ONLY: tl.constexpr):
+    """Choose the shared rank of the tokens ``rows`` from the tables and write their shared column
+    (``has_valid``: from ``_expand_routed``)."""
+    row_ok = rows < num_tokens
     dest = tl.zeros([BLOCK], dtype=tl.int64) + rank
-    if LOCAL_ONLY:
-        pass
-    elif ALL_RANKS:
+    if ALL_RANKS and not LOCAL_ONLY:
         # Inverse CDF over all ranks (reference.choose_shared_rank, candidates="all").
         ranks = tl.arange(0, W_PAD)
         weight = tl.load(tables_ptr + ranks, mask=ranks < W, other=0)
@@ -258,7 +297,8 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
         keys = tl.load(tables_ptr + W + ranks, mask=ranks < W, other=_NO_FALLBACK)
         least = tl.min(keys, axis=0)
         fallback = tl.zeros([BLOCK], dtype=tl.int64) + tl.min(tl.where(keys == least, ranks, W), axis=0)
-    else:
+        dest = tl.where(total > 0, chosen, fallback)
+    elif not LOCAL_ONLY:
         # Chao's weighted reservoir over the own rank and the routed ranks, each counted once
         # (a bitmask of 64-rank words marks the ranks seen), drawn as the columns go by.
         words = tl.arange(0, WORDS)
@@ -267,18 +307,9 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
         chosen = dest
         fallback_key = tl.full([BLOCK], _NO_FALLBACK, tl.int64)
         fallback = dest
-    has_valid = tl.zeros([BLOCK], dtype=tl.int1)
-    routed_ids = ()
-    routed_weights = ()
-    for k in tl.static_range(K):
-        idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
-        valid = idk >= 0
-        has_valid = has_valid | valid
-        # The routed column: p -> p + p // epr.
-        routed_ids = routed_ids + (tl.where(valid, idk + idk // EPR, idk),)
-        routed_weights = routed_weights + (tl.where(valid, tl.load(weights_ptr + rows * K + k, mask=row_ok, other=0),
-                                                    0),)
-        if not (ALL_RANKS or LOCAL_ONLY):
+        for k in tl.static_range(K):
+            idk = tl.load(ids_ptr + rows * K + k, mask=row_ok, other=-1)
+            valid = idk >= 0
             r = tl.where(valid, idk.to(tl.int32) // EPR, 0)
             bit = tl.full([BLOCK], 1, tl.int64) << (r % 64).to(tl.int64)
             in_word = (words[None, :] == (r // 64)[:, None]) & valid[:, None]
@@ -295,10 +326,6 @@ def _choose_and_expand(ids_ptr, weights_ptr, tables_ptr, shared_weight_ptr, out_
             better = (key_k < fallback_key) | ((key_k == fallback_key) & (r.to(tl.int64) < fallback))
             fallback = tl.where(better & (key_k < _NO_FALLBACK), r.to(tl.int64), fallback)
             fallback_key = tl.minimum(fallback_key, key_k)
-    for k in tl.static_range(K):
-        tl.store(out_ids_ptr + rows * (K + 1) + k, routed_ids[k], mask=row_ok)
-        tl.store(out_weights_ptr + rows * (K + 1) + k, routed_weights[k], mask=row_ok)
-    if not LOCAL_ONLY:
         dest = tl.where(total > 0, chosen, fallback)
     # The shared column: -1 and weight 0 for a token without routed entries.
     shared = rows * (K + 1) + K
@@ -320,6 +347,11 @@ def local_counts_triton(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: in
             EPR=slots_per_rank, CHUNK=chunk,
         )
     return out
+
+
+def sync_size(ep_size: int) -> int:
+    """Length of the int64 ``sync`` buffer of ``waterfill_triton`` (see ``_grid_add``)."""
+    return 2 * ep_size + 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,7 +381,7 @@ def waterfill_triton(
     ``topk_ids`` and ``topk_weights`` must be contiguous; ``shared_weight`` is a one-element
     tensor of the weights' dtype (so a float64 weight is not rounded through float32).
     ``tables``: ``[2, W]`` int64, the fixed ``reference.rank_tables`` when ``fixed_tables``, else a
-    scratch buffer the kernel writes them to. ``sync``: ``[2 * W + 3]`` int64, zeros before its
+    scratch buffer the kernel writes them to. ``sync``: ``[sync_size(W)]`` int64, zeros before its
     first use, where the source counts the batch: the grid's counters (see ``_grid_count``), kept
     by the kernel between launches; one buffer per stream (two launches must not share it at once).
     """
@@ -365,8 +397,8 @@ def waterfill_triton(
     num_tiles = triton.cdiv(m, block)
     tiles = 1
     if count:
-        if sync is None or sync.shape != (2 * rule.ep_size + 3,):
-            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({2 * rule.ep_size + 3},)")
+        if sync is None or sync.shape != (sync_size(rule.ep_size),):
+            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({sync_size(rule.ep_size)},)")
         # All programs must be resident at the barrier; a power of two keeps the compiled
         # variants few as the batch size varies.
         tiles = triton.next_power_of_2(triton.cdiv(num_tiles, _resident_programs(topk_ids.device)))

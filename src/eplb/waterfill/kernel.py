@@ -6,8 +6,8 @@ handles ``BLOCK_M`` tokens at a time, one per lane, column by column. With fixed
 steps of a weighted reservoir draw over its routed ranks, which reads each rank's weight from the
 ``[2, W]`` table (a few hundred bytes, cached) and skips repeated ranks with a bitmask (a serial
 draw per lane measured faster than a ``[BLOCK_M, K]`` prefix-sum form). Otherwise every program
-first builds the same tables from this step's loads (O(W**2) integer ops on ``W`` values; a
-bitonic sort measured slower at EP16, faster only from EP64) and writes them to a scratch
+first builds the same tables from this step's loads (the water level by all pairs of ranks,
+or from 32 ranks by a bitonic sort, whichever measured faster) and writes them to a scratch
 buffer it then reads back: the programs write identical values, so that needs no barrier
 (holding them in registers and gathering from them measured slower). Where those loads need
 this batch's counts (static mode's batch rules, the tile rule), the launch is persistent (at
@@ -184,10 +184,18 @@ def _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, m
         tokens_this_step = shared
         if SOURCE == 1 and TILE:
             tokens_this_step = local_tokens * W
-    # Weights: deficits below the water level (reference._water_level, rank_weights).
-    below_or_equal = (load[None, :] <= load[:, None]) & rank_ok[None, :]
-    gap = tl.sum(tl.where(below_or_equal, load[:, None] - load[None, :], 0), axis=1)
-    top_wet = tl.max(tl.where((gap < shared) & rank_ok, load, -1), axis=0)
+    # Weights: deficits below the water level (reference._water_level, rank_weights). The top
+    # load whose fill gap is below the shared load: from 32 ranks by sorting (a bitonic network,
+    # O(W log**2 W)), below that by all pairs (O(W**2), measured faster at EP16, slower from EP32).
+    if W_PAD >= 32:
+        # Padding sorts last as a tie with the largest load, so it shifts no real position.
+        ordered = tl.sort(tl.where(rank_ok, load, tl.max(tl.where(rank_ok, load, 0), axis=0)))
+        gap = (ranks + 1).to(tl.int64) * ordered - tl.cumsum(ordered, axis=0)
+        top_wet = tl.max(tl.where((gap < shared) & rank_ok, ordered, -1), axis=0)
+    else:
+        below_or_equal = (load[None, :] <= load[:, None]) & rank_ok[None, :]
+        gap = tl.sum(tl.where(below_or_equal, load[:, None] - load[None, :], 0), axis=1)
+        top_wet = tl.max(tl.where((gap < shared) & rank_ok, load, -1), axis=0)
     wet = (load <= top_wet) & rank_ok
     count = tl.sum(wet.to(tl.int64), axis=0)
     level = shared + tl.sum(tl.where(wet, load, 0), axis=0)

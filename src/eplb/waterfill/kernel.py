@@ -216,7 +216,6 @@ def _build_tables(counts, local_tokens, given, given_shared, tables_ptr, rank, m
     tl.debug_barrier()
 
 
-
 @triton.jit
 def _waterfill_kernel(
     ids_ptr, weights_ptr, sync_ptr, loads_ptr, tables_ptr, shared_weight_ptr, out_ids_ptr, out_weights_ptr,

@@ -29,9 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_recorder import time_per_call
-from bench_waterfill import LAYERS, TOKENS, skewed_topk
+from bench_waterfill import LAYERS, TOKENS, layer_balancers, skewed_topk
 
-from eplb import WaterfillBalancer
 from eplb.waterfill import kernel as package_kernel
 
 # (name, EP size, routed slots, balancer settings): the setting under the default and
@@ -65,7 +64,7 @@ def load_variant(spec: str) -> tuple[str, Callable]:
 
     def run(ids, weights, loads, shared_weight, source, rule, local_only, tables, fixed_tables=False, sync=None):
         if sync is not None and hasattr(module, "sync_size"):
-            # Made at a balancer's warm-up call, before any capture.
+            # Made at a balancer's warm-up call (layer_balancers), before any capture.
             key = sync.data_ptr()
             if key not in own_sync:
                 own_sync[key] = torch.zeros(module.sync_size(rule.ep_size), dtype=torch.int64, device=sync.device)
@@ -74,13 +73,6 @@ def load_variant(spec: str) -> tuple[str, Callable]:
                                        fixed_tables, sync)
 
     return Path(spec).name, run
-
-
-def balancers(ep: int, slots: int, kw: dict) -> list[WaterfillBalancer]:
-    kw = dict(kw)
-    if kw.pop("recorded", False):
-        kw["rank_load"] = torch.linspace(2.0, 1.0, ep)
-    return [WaterfillBalancer(slots, ep, 1, 2.5, layer_id=l, check_inputs=False, **kw) for l in range(LAYERS)]
 
 
 def main() -> None:
@@ -93,14 +85,11 @@ def main() -> None:
     results: dict[tuple[str, str], list[float]] = {}
     for config, ep, slots, kw in CONFIGS:
         ids, weights = skewed_topk(TOKENS, slots, "cuda")
-        warm_ids, warm_w = skewed_topk(64, slots, "cuda")
-        expected = balancers(ep, slots, {**kw, "backend": "torch"})[3].expand_topk(ids, weights)
+        expected = layer_balancers(ep, slots, **kw, backend="torch")[3].expand_topk(ids, weights)
         layers = {}
         for label, fn in candidates:
             package_kernel.waterfill_triton = fn
-            layers[label] = balancers(ep, slots, kw)
-            for b in layers[label]:
-                b.expand_topk(warm_ids, warm_w)
+            layers[label] = layer_balancers(ep, slots, **kw)
             got = layers[label][3].expand_topk(ids, weights)
             if not all(torch.equal(a, b) for a, b in zip(got, expected)):
                 raise SystemExit(f"error: {label} differs from the torch backend on {config}")

@@ -48,6 +48,18 @@ def skewed_topk(tokens: int, slots: int, device: str, seed: int = 0) -> tuple[to
 # Timing ----------------------------------------------------------------------------------
 
 
+def layer_balancers(ep: int, slots: int, recorded: bool = False, **kw) -> list[WaterfillBalancer]:
+    """One balancer per layer on rank 1 (``recorded``: with recorded rank loads, low ranks hotter),
+    each called once on the GPU, which builds its device buffers outside any graph capture."""
+    if recorded:
+        kw["rank_load"] = torch.linspace(2.0, 1.0, ep)
+    balancers = [WaterfillBalancer(slots, ep, 1, 2.5, layer_id=l, check_inputs=False, **kw) for l in range(LAYERS)]
+    warm_ids, warm_w = skewed_topk(64, slots, "cuda")
+    for b in balancers:
+        b.expand_topk(warm_ids, warm_w)
+    return balancers
+
+
 def bench(json_path: str | None) -> None:
     import triton
 
@@ -60,16 +72,6 @@ def bench(json_path: str | None) -> None:
         us = time_per_call(op, calls)
         rows.append({"op": name, "shape": shape, "calls_per_graph": calls, "us_per_call": round(us, 3)})
         print(f"{name:<58} {shape:<26} {calls:>3} {us:8.3f} us", flush=True)
-
-    def layers(ep: int, slots: int, **kw) -> list[WaterfillBalancer]:
-        prior = torch.linspace(2.0, 1.0, ep)  # recorded loads: low ranks hotter
-        if kw.pop("recorded", False):
-            kw["rank_load"] = prior
-        balancers = [WaterfillBalancer(slots, ep, 1, 2.5, layer_id=l, check_inputs=False, **kw) for l in range(LAYERS)]
-        warm_ids, warm_w = skewed_topk(64, slots, "cuda")
-        for b in balancers:  # builds each balancer's device buffers outside the capture
-            b.expand_topk(warm_ids, warm_w)
-        return balancers
 
     flag = torch.zeros(1, device="cuda")
     add("empty triton kernel (floor)", "-", lambda i: _empty_kernel[(1,)](flag))
@@ -90,10 +92,11 @@ def bench(json_path: str | None) -> None:
     ids, weights = skewed_topk(TOKENS, SLOTS, "cuda")
     for name, kw in variants:
         # Same output from both backends, or the timings compare different work.
-        a, b = (layers(EP, SLOTS, **{**kw, "backend": be})[3].expand_topk(ids, weights) for be in ("triton", "torch"))
+        a, b = (layer_balancers(EP, SLOTS, **{**kw, "backend": be})[3].expand_topk(ids, weights)
+                for be in ("triton", "torch"))
         if not all(torch.equal(x, y) for x, y in zip(a, b)):
             print(f"MISMATCH: {name}: triton and torch outputs differ", flush=True)
-        balancers = layers(EP, SLOTS, **kw)
+        balancers = layer_balancers(EP, SLOTS, **kw)
         shape = f"{TOKENS}x{TOP_K} EP{EP} P={SLOTS}"
         add(name, shape, lambda i, bs=balancers: bs[i % LAYERS].expand_topk(ids, weights))
         if name == DEFAULT:
@@ -101,14 +104,14 @@ def bench(json_path: str | None) -> None:
     for ep, slots in ((8, 288), (32, 288), (64, 320)):
         sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
         for name, kw in ((DEFAULT, dict(recorded=True)), ("static, recorded loads only", recorded_only)):
-            balancers = layers(ep, slots, **kw)
+            balancers = layer_balancers(ep, slots, **kw)
             add(name, f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
                 lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
-        dyn = layers(ep, slots, mode="dynamic", **identity)
+        dyn = layer_balancers(ep, slots, mode="dynamic", **identity)
         add("dynamic, no all-reduce", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
             lambda i, bs=dyn: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
     for tokens in (128, 16384):
-        balancers = layers(EP, SLOTS, recorded=True)
+        balancers = layer_balancers(EP, SLOTS, recorded=True)
         sized_ids, sized_w = skewed_topk(tokens, SLOTS, "cuda")
         add(DEFAULT, f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
             lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
@@ -119,7 +122,7 @@ def bench(json_path: str | None) -> None:
     for block, warps in ((32, 1), (64, 2), (128, 4), (256, 8)):
         kernel.BLOCK_M, kernel.NUM_WARPS = block, warps
         for ep, slots in ((16, 288), (64, 320)):
-            balancers = layers(ep, slots, recorded=True)
+            balancers = layer_balancers(ep, slots, recorded=True)
             sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
             add(f"{DEFAULT}, BLOCK_M={block} num_warps={warps}", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
                 lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_recorder import time_per_call
 from bench_waterfill import LAYERS, TOKENS, layer_balancers, skewed_topk
 
-from eplb.waterfill import kernel as package_kernel
+from eplb.runtime.waterfill import kernel as package_kernel
 
 # (name, EP size, routed slots, balancer settings): the setting under the default and
 # SGLang's rule, the default at other EP sizes, and the fixed-table path (no grid count) as a control.

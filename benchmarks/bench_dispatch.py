@@ -1,4 +1,4 @@
-"""Benchmark eplb.dispatch: remap latency on GPU (CUDA-graph replay) and the weight solver.
+"""Benchmark eplb.runtime.dispatch: remap latency on GPU (CUDA-graph replay) and the weight solver.
 
     PYTHONPATH=src python benchmarks/bench_dispatch.py            # both parts
     PYTHONPATH=src python benchmarks/bench_dispatch.py --part remap   # GPU only
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import eplb
-from eplb.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, solve_weights, split_gpu_load
-from eplb.dispatch.alias import alias_table
+from eplb.runtime.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, solve_weights, split_gpu_load
+from eplb.runtime.dispatch.alias import alias_table
 
 try:  # only the GPU part needs Triton; it resolves _empty_kernel's annotation in these globals
     import triton

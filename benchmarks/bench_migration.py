@@ -26,9 +26,9 @@ from typing import Callable, Optional
 import torch
 
 import eplb
-from eplb.algorithms.migration import align, migration_cost
+from eplb.planning.migration import align, migration_cost
 from eplb.io.examples import read_example
-from eplb.io.stats import read_load
+from eplb.io.loads import read_load
 from eplb.placement import Placement
 
 BUDGETS = [0, 1, 2, 4, 8, 16, 32, 64, 128]

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 import eplb
-from eplb import algorithms
+from eplb import planning
 from eplb.errors import EplbError
 from eplb.io import read_load
 
@@ -55,7 +55,7 @@ REAL_SETS = [
 
 
 def load_based() -> list[str]:
-    return [name for name, algo in algorithms.ALGORITHMS.items() if algo.uses_load]
+    return [name for name, algo in planning.ALGORITHMS.items() if algo.uses_load]
 
 
 def synthetic_load(steps: Optional[int], seed: int = 0) -> torch.Tensor:

@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 
 import eplb
-from eplb.algorithms import ALGORITHMS, get
+from eplb.planning import ALGORITHMS, get
 from eplb.errors import EplbError
-from eplb.io.stats import read_load
+from eplb.io.loads import read_load
 from eplb.metrics import evaluate
 from eplb.traffic import expected_remote_nodes
 
@@ -59,7 +59,7 @@ def _plan(history: torch.Tensor, setup: Setup, algo: str):
 
 def _supported(algo: str, setup: Setup, num_experts: int) -> bool:
     try:
-        get(algo).check(eplb.algorithms.PlanSpec(setup.gpus, setup.slots, setup.nodes, setup.groups), num_experts)
+        get(algo).check(eplb.planning.Cluster(setup.gpus, setup.slots, setup.nodes, setup.groups), num_experts)
         _plan(torch.ones(1, 1, num_experts), setup, algo)
     except EplbError:
         return False
@@ -169,14 +169,14 @@ def scaling(load: torch.Tensor) -> str:
 
 NOTES = """### Notes
 
-- eplb runs with its defaults (`EngineConfig(risk=1.0, half_life=8.0, locality=0.25)`); no constant was fitted
+- eplb runs with its defaults (`HedgedConfig(risk=1.0, half_life=8.0, locality=0.25)`); no constant was fitted
   to these sets. Out-of-sample histories are the other workloads as windows, oldest first in file-name order.
 - Duplicates (a replica on a GPU that already holds its expert): none of these specs forces one by the slot
-  counts (`eplb.algorithms.engine.forced_duplicates`). The loads can: on Zipf >= 1.5 more replicas heavier than
+  counts (`eplb.planning.hedged.forced_duplicates`). The loads can: on Zipf >= 1.5 more replicas heavier than
   half a GPU's fair load exist than GPUs, one GPU must take two, and two replicas of one expert can be the
   lightest pair. With one node eplb then keeps DeepSeek's duplicate (after its own search, moving every
   duplicate it can without raising the peak) only where that beats its duplicate-free plan
-  (`EngineConfig(allow_duplicates=False)` forbids it). With several nodes it stays duplicate-free and has no
+  (`HedgedConfig(allow_duplicates=False)` forbids it). With several nodes it stays duplicate-free and has no
   DeepSeek fallback (that plan ignores nodes and groups), so on Zipf 1.5 at 4 nodes it is still above deepseek:
   1.238 at the default locality 0.25, 1.206 at 0.1, 1.204 at 0 (deepseek 1.192), with 1.31 / 1.36 / 1.38
   remote nodes per token against deepseek's 1.99.

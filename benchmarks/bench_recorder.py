@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import triton
 
-from eplb.stats import ExpertLoadRecorder
-from eplb.stats import _triton as triton_ops
+from eplb.runtime.recorder import ExpertLoadRecorder
+from eplb.runtime.recorder import _triton as triton_ops
 
 LAYERS, SLOTS, TOP_K, GPUS = 61, 288, 8, 32  # DeepSeek-V3 with 32 redundant slots on EP32
 CALLS, REPLAYS, REPEATS = 61, 20, 25

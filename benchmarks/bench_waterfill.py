@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from eplb import WaterfillBalancer, plan
-from eplb.dispatch import HashDispatch
+from eplb.runtime.dispatch import HashDispatch
 
 REPO = Path(__file__).resolve().parents[1]
 # The DeepSeek-V3 statistics live beside the repository (license unstated: never copied in).
@@ -116,7 +116,7 @@ def bench(json_path: str | None) -> None:
         add(DEFAULT, f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
             lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
     # Tokens per program and warps of the fused kernel (module constants): which is fastest here.
-    from eplb.waterfill import kernel
+    from eplb.runtime.waterfill import kernel
 
     default = (kernel.BLOCK_M, kernel.NUM_WARPS)
     for block, warps in ((32, 1), (64, 2), (128, 4), (256, 8)):

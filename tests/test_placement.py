@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.algorithms.base import PlanSpec
-from eplb.algorithms.static import round_robin
+from eplb.cluster import Cluster
+from eplb.planning.static import round_robin
 from eplb.errors import EplbError
 from eplb.placement import EMPTY_SLOT, Placement
 
@@ -249,7 +249,7 @@ def test_load_shape_mismatch(small, shape):
 
 def test_round_robin_empty_slots():
     # 10 experts on 4 GPUs: ranks 2 and 3 hold one expert fewer and leave their last slot empty.
-    phy2log = round_robin(torch.ones(1, 2, 10), PlanSpec(num_gpus=4, num_slots=12))
+    phy2log = round_robin(torch.ones(1, 2, 10), Cluster(num_gpus=4, num_slots=12))
     placement = Placement(phy2log, num_experts=10, num_gpus=4)
     assert placement.phy2log[0].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, -1, 3, 7, -1]
     assert placement.logcnt.tolist() == [[1] * 10] * 2

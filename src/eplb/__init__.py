@@ -1,7 +1,7 @@
 """eplb: expert-parallel load balancing for Mixture-of-Experts inference.
 
 The planner (``plan``, ``Placement``, the metrics and the file readers and writers) runs on any
-machine; the runtime pieces (``ExpertLoadRecorder``, ``WaterfillBalancer``, ``eplb.dispatch``) use
+machine; the runtime pieces (``ExpertLoadRecorder``, ``WaterfillBalancer``, ``eplb.runtime.dispatch``) use
 Triton kernels on CUDA devices and plain torch elsewhere, and are imported on first use.
 """
 
@@ -10,19 +10,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from eplb.algorithms.deepseek import rebalance_experts
-from eplb.algorithms.engine import EngineConfig
-from eplb.algorithms.migration import MigrationCost, migration_cost
+from eplb.planning.deepseek import rebalance_experts
+from eplb.planning.hedged import HedgedConfig
+from eplb.planning.migration import MigrationCost, migration_cost
+from eplb.planning.planner import plan
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate, lower_bound
 from eplb.placement import Placement
-from eplb.planner import plan
 
 __version__ = "0.1.0"
 
+# The 0.1.0 name of HedgedConfig, kept so that code written against it still runs.
+EngineConfig = HedgedConfig
+
 _LAZY = {
-    "ExpertLoadRecorder": "eplb.stats.recorder",
-    "WaterfillBalancer": "eplb.waterfill",
+    "ExpertLoadRecorder": "eplb.runtime.recorder",
+    "WaterfillBalancer": "eplb.runtime.waterfill",
 }
 
 
@@ -34,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BalanceReport",
+    "HedgedConfig",
     "EngineConfig",
     "EplbError",
     "ExpertLoadRecorder",

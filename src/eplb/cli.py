@@ -14,8 +14,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 import eplb
-from eplb import algorithms, io
-from eplb.algorithms.engine import ENGINE, EngineConfig
+from eplb import io, planning
+from eplb.planning.hedged import HEDGED, HedgedConfig
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
@@ -47,10 +47,10 @@ class Request:
     groups: Optional[int]
     top_k: int
     topk_groups: Optional[int]
-    config: Optional[EngineConfig]
+    config: Optional[HedgedConfig]
 
     def plan(self, algorithm: str, **kwargs: Any) -> Placement:
-        config = self.config if algorithm in ("auto", ENGINE.name) else None
+        config = self.config if algorithm in ("auto", HEDGED.name) else None
         return eplb.plan(self.stats.load, num_gpus=self.gpus, num_slots=self.slots, num_nodes=self.nodes,
                          num_groups=self.groups, algorithm=algorithm, config=config, **kwargs)
 
@@ -99,7 +99,7 @@ def _request(stats: Optional[str], gpus: Optional[int], slots: Optional[int], no
             raise EplbError("pass --gpus and --slots for your cluster (e.g. --gpus 32 --slots 288)")
         loaded, name = io.read_load(stats), stats
     knobs = {k: v for k, v in (("risk", risk), ("half_life", half_life), ("locality", locality)) if v is not None}
-    config = EngineConfig(**knobs) if knobs else None
+    config = HedgedConfig(**knobs) if knobs else None
     return Request(loaded, name, gpus, slots, nodes or 1, groups, top_k, topk_groups, config)
 
 
@@ -147,7 +147,7 @@ def plan(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes:
          layers: bool) -> None:
     """Plan replication and placement, print how balanced it is, optionally export it."""
     req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
-    if req.config is not None and algorithm not in ("auto", ENGINE.name):
+    if req.config is not None and algorithm not in ("auto", HEDGED.name):
         raise EplbError(f"{ENGINE_FLAGS} tune the eplb engine, not {algorithm}; drop them or use -a eplb")
     if max_moves is not None and current is None:
         raise EplbError("--max-moves bounds the change from a placement: pass --current FILE too")
@@ -226,10 +226,10 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
             f"--eval has {held_out.load.shape[-2]} layers x {held_out.load.shape[-1]} experts but STATS has "
             f"{req.stats.load.shape[-2]} x {req.stats.load.shape[-1]}; compare workloads of the same model"
         )
-    chosen = [n.strip() for n in names.split(",")] if names else list(algorithms.ALGORITHMS)
-    unknown = [n for n in chosen if n not in algorithms.names()]
+    chosen = [n.strip() for n in names.split(",")] if names else list(planning.ALGORITHMS)
+    unknown = [n for n in chosen if n not in planning.names()]
     if unknown:
-        raise EplbError(f"unknown algorithm {unknown[0]!r}; choose one of: {', '.join(algorithms.names())}")
+        raise EplbError(f"unknown algorithm {unknown[0]!r}; choose one of: {', '.join(planning.names())}")
 
     columns = ["algorithm", "max/mean", "worst layer", "gap to bound", "duplicates", "plan ms"]
     if held_out is not None:

@@ -2,7 +2,7 @@
 and the bundled example loads.
 
 - ``read_load(path) -> LoadFile``: SGLang dumps, TensorRT-LLM statistics, JSON, CSV, numpy,
-  torch and safetensors files (``eplb.io.stats`` lists the layouts);
+  torch and safetensors files (``eplb.io.loads`` lists the layouts);
 - ``write_placement(placement, path, format)`` / ``read_placement(path)``: eplb's own JSON, SGLang
   ``--init-expert-location``, TensorRT-LLM load-balancer YAML, vLLM map (``eplb.io.placements``);
 - ``example_path()`` / ``read_example()``: real DeepSeek-V3 and OLMoE loads shipped with eplb;
@@ -18,7 +18,7 @@ from eplb.io.placements import (
     read_placement_file,
     write_placement,
 )
-from eplb.io.stats import LOAD_KEYS, LoadFile, read_load
+from eplb.io.loads import LOAD_KEYS, LoadFile, read_load
 
 __all__ = [
     "DEFAULT_EXAMPLE",

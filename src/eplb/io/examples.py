@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from eplb.errors import EplbError
-from eplb.io.stats import LoadFile, read_load
+from eplb.io.loads import LoadFile, read_load
 
 # name -> file in eplb/data
 EXAMPLES = {

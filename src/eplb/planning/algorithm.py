@@ -1,0 +1,42 @@
+"""What every placement algorithm is: a pure function from loads to ``phy2log``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from eplb.cluster import Cluster
+
+
+# load [T, L, E] float64 (non-negative, every layer with some load) -> phy2log [L, P] int64
+PlanFn = Callable[[torch.Tensor, Cluster], torch.Tensor]
+# Raises EplbError when the algorithm cannot serve this spec for E experts.
+CheckFn = Callable[[Cluster, int], None]
+
+
+def _no_check(spec: Cluster, num_experts: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered placement algorithm.
+
+    Attributes:
+        name: the name users pass as ``algorithm=``.
+        fn: the pure planning function (see ``PlanFn``).
+        summary: one line for ``eplb compare`` and the docs.
+        uses_load: False for static layouts that ignore the load.
+        check: extra validation of the spec beyond the common checks.
+        config_type: the dataclass of the algorithm's knobs, if it has any; ``fn`` then also
+            takes ``config=`` (``eplb.plan(..., config=...)`` passes it through).
+    """
+
+    name: str
+    fn: PlanFn
+    summary: str
+    uses_load: bool = True
+    check: CheckFn = _no_check
+    config_type: Optional[type] = None

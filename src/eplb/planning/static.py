@@ -1,0 +1,72 @@
+"""Static layouts that need no load: ``linear`` and ``round_robin`` ("zigzag")."""
+
+from __future__ import annotations
+
+import torch
+
+from eplb.cluster import Cluster
+from eplb.planning.algorithm import Algorithm
+from eplb.errors import EplbError
+from eplb.placement import EMPTY_SLOT
+
+
+def linear(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+    """Slot ``p`` holds expert ``p % E``: experts in contiguous blocks over the GPUs, then the
+    redundant slots repeat experts ``0, 1, ...`` (vLLM's initial layout).
+
+    Args:
+        load: ``[T, L, E]``; only its shape is used.
+        spec: the cluster.
+
+    Returns:
+        phy2log ``[L, P]``.
+    """
+    num_layers, num_experts = load.shape[-2:]
+    row = torch.arange(spec.num_slots, dtype=torch.int64) % num_experts
+    return row.expand(num_layers, -1).clone()
+
+
+def round_robin(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+    """Rank ``r`` holds experts ``r, r + G, r + 2G, ...`` (vLLM's round-robin placement).
+
+    When ``G`` does not divide ``E`` the first ``E % G`` ranks hold one expert more, and the
+    other ranks leave their last slot empty (``-1``), as vLLM gives them one local expert fewer.
+
+    Args:
+        load: ``[T, L, E]``; only its shape is used.
+        spec: the cluster; ``P`` must be ``G * ceil(E / G)`` (see ``check_round_robin``).
+
+    Returns:
+        phy2log ``[L, P]``.
+    """
+    num_layers, num_experts = load.shape[-2:]
+    per_gpu = spec.slots_per_gpu
+    gpu = torch.arange(spec.num_gpus).unsqueeze(1)
+    expert = gpu + torch.arange(per_gpu).unsqueeze(0) * spec.num_gpus  # [G, S]
+    row = torch.where(expert < num_experts, expert, EMPTY_SLOT).flatten()
+    return row.expand(num_layers, -1).clone()
+
+
+def check_round_robin(spec: Cluster, num_experts: int) -> None:
+    per_gpu = -(-num_experts // spec.num_gpus)
+    if spec.num_slots != per_gpu * spec.num_gpus:
+        raise EplbError(
+            f"round_robin places each expert exactly once, so it needs {per_gpu * spec.num_gpus} slots "
+            f"({per_gpu} per GPU) for {num_experts} experts on {spec.num_gpus} GPUs, not {spec.num_slots}; "
+            "use that slot count, or a load-based algorithm to fill redundant slots"
+        )
+
+
+LINEAR = Algorithm(
+    name="linear",
+    fn=linear,
+    summary="static: contiguous blocks of experts, redundant slots repeat experts 0, 1, ...",
+    uses_load=False,
+)
+ROUND_ROBIN = Algorithm(
+    name="round_robin",
+    fn=round_robin,
+    summary="static: rank r holds experts r, r+G, r+2G, ... (zigzag); no redundant slots",
+    uses_load=False,
+    check=check_round_robin,
+)

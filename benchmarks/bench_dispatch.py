@@ -112,7 +112,7 @@ def bench_remap(args) -> list[dict]:
     return rows
 
 
-def _empty_kernel(ids_ptr, n, BLOCK: "tl.constexpr"):
+def _empty_kernel(ids_ptr, n, BLOCK: tl.constexpr):
     pass
 
 

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
 import eplb
-from eplb.planning.migration import align, migration_cost
 from eplb.io.examples import read_example
 from eplb.io.loads import read_load
 from eplb.placement import Placement
+from eplb.planning.migration import align, migration_cost
 
 BUDGETS = [0, 1, 2, 4, 8, 16, 32, 64, 128]
 # DeepSeek-V3 expert in fp8: gate, up and down projections of 7168 x 2048 parameters, 1 byte each.
@@ -83,7 +83,7 @@ def table(scenario: Scenario, algorithm: str, gpus: int, slots: int, nodes: int,
     ideal, ideal_ms = _timed(lambda: eplb.plan(scenario.new, **spec))
     kept_ranks = Placement(align(current.phy2log, ideal.phy2log, gpus, nodes, permute_gpus=False),
                            ideal.num_experts, gpus, nodes)
-    rows: list[tuple[str, Placement, Optional[float]]] = []
+    rows: list[tuple[str, Placement, float | None]] = []
     for budget in BUDGETS + [slots]:
         label = f"max_moves={budget}" + {0: " (no rebalance)", slots: " (all slots)"}.get(budget, "")
         rows.append((label, *_timed(lambda: eplb.plan(scenario.new, **spec, current=current, max_moves=budget))))

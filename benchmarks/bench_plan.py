@@ -24,7 +24,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -58,7 +57,7 @@ def load_based() -> list[str]:
     return [name for name, algo in planning.ALGORITHMS.items() if algo.uses_load]
 
 
-def synthetic_load(steps: Optional[int], seed: int = 0) -> torch.Tensor:
+def synthetic_load(steps: int | None, seed: int = 0) -> torch.Tensor:
     """Heavy-tailed integer token counts ``[L, E]`` (or ``[steps, L, E]``), like a router's."""
     gen = torch.Generator().manual_seed(seed)
     shape = (LAYERS, EXPERTS) if steps is None else (steps, LAYERS, EXPERTS)

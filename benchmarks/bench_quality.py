@@ -21,15 +21,14 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 import eplb
-from eplb.planning import ALGORITHMS, get
 from eplb.errors import EplbError
 from eplb.io.loads import read_load
 from eplb.metrics import evaluate
+from eplb.planning import ALGORITHMS, get
 from eplb.traffic import expected_remote_nodes
 
 ORDER = ["linear", "round_robin", "deepseek", "deepseek_hierarchical", "deepseek_vec", "deepseek_vec_hierarchical",
@@ -42,9 +41,9 @@ class Setup:
     gpus: int
     slots: int
     nodes: int
-    groups: Optional[int]
+    groups: int | None
     top_k: int
-    groups_per_token: Optional[int] = None
+    groups_per_token: int | None = None
 
 
 def _moe(load: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_set(title: str, windows: list[torch.Tensor], setup: Setup, tests: list[tuple[list[int], int]],
-                 extra_oos: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> str:
+                 extra_oos: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> str:
     """One table: in sample on every window, out of sample on ``tests`` (fit indices, held-out index)."""
     num_experts = windows[0].shape[-1]
     lines = [f"### {title}", "",

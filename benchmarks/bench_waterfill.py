@@ -21,8 +21,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -94,7 +94,7 @@ def bench(json_path: str | None) -> None:
         # Same output from both backends, or the timings compare different work.
         a, b = (layer_balancers(EP, SLOTS, **{**kw, "backend": be})[3].expand_topk(ids, weights)
                 for be in ("triton", "torch"))
-        if not all(torch.equal(x, y) for x, y in zip(a, b)):
+        if not all(torch.equal(x, y) for x, y in zip(a, b, strict=False)):
             print(f"MISMATCH: {name}: triton and torch outputs differ", flush=True)
         balancers = layer_balancers(EP, SLOTS, **kw)
         shape = f"{TOKENS}x{TOP_K} EP{EP} P={SLOTS}"
@@ -207,9 +207,9 @@ def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]
             weights = torch.ones(tokens, TOP_K)
             for name, make in variants.items():
                 balancers = [make(layer, r) for r in range(ep)]
-                counts = sum(b.local_counts(ids) for b, ids in zip(balancers, batches))
+                counts = sum(b.local_counts(ids) for b, ids in zip(balancers, batches, strict=False))
                 work = torch.zeros(ep, dtype=torch.int64)
-                for b, ids in zip(balancers, batches):
+                for b, ids in zip(balancers, batches, strict=False):
                     out = (b.expand_topk_global(ids, weights, counts) if b.mode == "dynamic"
                            else b.expand_topk(ids, weights))[0]
                     work += torch.bincount(out.flatten() // (slots // ep + 1), minlength=ep)

@@ -110,5 +110,5 @@ def test_plan_from_current_within_budget(stats, tmp_path, capsys):
     assert "GB of weights" in capsys.readouterr().out
     before = json.loads(first.read_text())["phy2log"]
     after = json.loads(second.read_text())["phy2log"]
-    changed = [sum(a != b for a, b in zip(row_a, row_b)) for row_a, row_b in zip(before, after)]
+    changed = [sum(a != b for a, b in zip(row_a, row_b, strict=False)) for row_a, row_b in zip(before, after, strict=False)]
     assert max(changed) <= 2 and sum(changed) > 0

@@ -14,12 +14,12 @@ def compositions(total: int, parts: int):
     """Every vector of ``parts`` integers >= 1 that sums to ``total``."""
     for cuts in itertools.combinations(range(1, total), parts - 1):
         edges = (0, *cuts, total)
-        yield [b - a for a, b in zip(edges, edges[1:])]
+        yield [b - a for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def brute_lower_bound(load: list[float], num_gpus: int, num_slots: int) -> float:
     best_replica_bound = min(
-        max(x / c for x, c in zip(load, counts)) for counts in compositions(num_slots, len(load))
+        max(x / c for x, c in zip(load, counts, strict=False)) for counts in compositions(num_slots, len(load))
     )
     return max(best_replica_bound, sum(load) / num_gpus)
 

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.cluster import Cluster
-from eplb.planning.static import round_robin
 from eplb.errors import EplbError
 from eplb.placement import EMPTY_SLOT, Placement
+from eplb.planning.static import round_robin
 
 # 2 layers, 4 experts, 6 slots on 3 GPUs (2 slots each); expert 1 is replicated on GPU 0 and
 # expert 2 twice on GPU 2 (a duplicate).

@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from eplb.errors import EplbError
+from eplb.metrics import BalanceReport, evaluate, lower_bound
+from eplb.placement import Placement
 from eplb.planning.deepseek import rebalance_experts
 from eplb.planning.hedged import HedgedConfig
 from eplb.planning.migration import MigrationCost, migration_cost
 from eplb.planning.planner import plan
-from eplb.errors import EplbError
-from eplb.metrics import BalanceReport, evaluate, lower_bound
-from eplb.placement import Placement
 
 __version__ = "0.1.0"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import click
 import torch
@@ -15,10 +16,10 @@ from rich.table import Table
 
 import eplb
 from eplb import io, planning
-from eplb.planning.hedged import HEDGED, HedgedConfig
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
+from eplb.planning.hedged import HEDGED, HedgedConfig
 from eplb.traffic import expected_remote_nodes
 
 T = TypeVar("T")
@@ -44,17 +45,17 @@ class Request:
     gpus: int
     slots: int
     nodes: int
-    groups: Optional[int]
+    groups: int | None
     top_k: int
-    topk_groups: Optional[int]
-    config: Optional[HedgedConfig]
+    topk_groups: int | None
+    config: HedgedConfig | None
 
     def plan(self, algorithm: str, **kwargs: Any) -> Placement:
         config = self.config if algorithm in ("auto", HEDGED.name) else None
         return eplb.plan(self.stats.load, num_gpus=self.gpus, num_slots=self.slots, num_nodes=self.nodes,
                          num_groups=self.groups, algorithm=algorithm, config=config, **kwargs)
 
-    def traffic(self, placement: Placement, load: torch.Tensor) -> Optional[torch.Tensor]:
+    def traffic(self, placement: Placement, load: torch.Tensor) -> torch.Tensor | None:
         """``[L]`` expected remote nodes per token, or None on one node (no cross-node traffic)."""
         if self.nodes == 1:
             return None
@@ -83,9 +84,9 @@ def _options(fn: Callable[..., T]) -> Callable[..., T]:
     return fn
 
 
-def _request(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-             groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
-             half_life: Optional[float], locality: Optional[float]) -> Request:
+def _request(stats: str | None, gpus: int | None, slots: int | None, nodes: int | None,
+             groups: int | None, top_k: int, topk_groups: int | None, risk: float | None,
+             half_life: float | None, locality: float | None) -> Request:
     if stats is None:
         # The bundled example comes with the cluster it was recorded for, unless overridden.
         gpus = gpus or EXAMPLE_SPEC["gpus"]
@@ -140,10 +141,10 @@ def main() -> None:
 @click.option("--max-moves", type=int, help="With --current: at most this many slots change per layer.")
 @click.option("--bytes-per-expert", type=int, help="Weight bytes of one expert, to report the bytes moved.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Print the per-layer table.")
-def plan(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-         groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
-         half_life: Optional[float], locality: Optional[float], algorithm: str, output: Optional[str],
-         fmt: Optional[str], current: Optional[str], max_moves: Optional[int], bytes_per_expert: Optional[int],
+def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | None,
+         groups: int | None, top_k: int, topk_groups: int | None, risk: float | None,
+         half_life: float | None, locality: float | None, algorithm: str, output: str | None,
+         fmt: str | None, current: str | None, max_moves: int | None, bytes_per_expert: int | None,
          layers: bool) -> None:
     """Plan replication and placement, print how balanced it is, optionally export it."""
     req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
@@ -184,7 +185,7 @@ def plan(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes:
         console.print(f"wrote {written}")
 
 
-def _layer_table(req: Request, report: BalanceReport, traffic: Optional[torch.Tensor]) -> Table:
+def _layer_table(req: Request, report: BalanceReport, traffic: torch.Tensor | None) -> Table:
     table = Table(title="per layer")
     columns = ["layer", "max/mean", "balancedness", "gap to bound", "duplicates"]
     if traffic is not None:
@@ -213,10 +214,10 @@ def _layer_table(req: Request, report: BalanceReport, traffic: Optional[torch.Te
 @click.option("--eval", "eval_stats", type=click.Path(path_type=str),
               help="Score on this other workload too (the number to trust: plans meet new traffic).")
 @click.option("--algorithms", "-a", "names", help="Comma-separated algorithms to compare (default: all).")
-def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nodes: Optional[int],
-            groups: Optional[int], top_k: int, topk_groups: Optional[int], risk: Optional[float],
-            half_life: Optional[float], locality: Optional[float], eval_stats: Optional[str],
-            names: Optional[str]) -> None:
+def compare(stats: str | None, gpus: int | None, slots: int | None, nodes: int | None,
+            groups: int | None, top_k: int, topk_groups: int | None, risk: float | None,
+            half_life: float | None, locality: float | None, eval_stats: str | None,
+            names: str | None) -> None:
     """Every algorithm side by side: in-sample and held-out balance, gap to the bound, duplicates,
     cross-node traffic, time."""
     req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
@@ -272,7 +273,7 @@ def compare(stats: Optional[str], gpus: Optional[int], slots: Optional[int], nod
         console.print(f"n/a {line}", highlight=False, markup=False)
 
 
-def run(argv: Optional[list[str]] = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input ends in one line on stderr and exit code 2."""
     err = _console(stderr=True)
     try:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Optional
-
+from typing import Any
 
 from eplb.errors import EplbError
 
@@ -30,7 +29,7 @@ class Cluster:
     num_gpus: int
     num_slots: int
     num_nodes: int = 1
-    num_groups: Optional[int] = None
+    num_groups: int | None = None
 
     @property
     def slots_per_gpu(self) -> int:

@@ -204,7 +204,7 @@ class Placement:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Placement":
+    def from_dict(cls, data: dict[str, Any]) -> Placement:
         if not isinstance(data, dict):
             raise EplbError(f"placement data is a {type(data).__name__}, not a dict; write it with Placement.to_dict()")
         try:

@@ -17,7 +17,7 @@ estimate uses them instead of independence: the second-moment estimate
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -50,9 +50,9 @@ def expected_remote_nodes(
     load: Any,
     *,
     top_k: int = 8,
-    num_groups: Optional[int] = None,
-    groups_per_token: Optional[int] = None,
-    coactivation: Optional[Any] = None,
+    num_groups: int | None = None,
+    groups_per_token: int | None = None,
+    coactivation: Any | None = None,
 ) -> torch.Tensor:
     """``[L]``: the expected number of distinct remote nodes one token's picks touch.
 

@@ -10,6 +10,11 @@ import torch
 
 import eplb
 from eplb.cluster import Cluster
+from eplb.errors import EplbError
+from eplb.io import read_load
+from eplb.loads import dense_layers
+from eplb.metrics import duplicates, evaluate
+from eplb.placement import Placement
 from eplb.planning.hedged import (
     HedgedConfig,
     forced_duplicates,
@@ -18,11 +23,6 @@ from eplb.planning.hedged import (
     plan_hedged,
     replica_counts,
 )
-from eplb.errors import EplbError
-from eplb.io import read_load
-from eplb.loads import dense_layers
-from eplb.metrics import duplicates, evaluate
-from eplb.placement import Placement
 from eplb.traffic import expected_remote_nodes
 
 SPECS = [  # (experts, gpus, slots, nodes, groups)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import eplb
-from eplb.planning.migration import align, migration_cost, move_within_budget
 from eplb.errors import EplbError
 from eplb.metrics import duplicates
 from eplb.placement import EMPTY_SLOT, Placement
+from eplb.planning.migration import align, migration_cost, move_within_budget
 
 
 @pytest.fixture(autouse=True)

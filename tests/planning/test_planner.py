@@ -7,12 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.planning.planner import auto_score
 from eplb import planning
 from eplb.cluster import Cluster
 from eplb.errors import EplbError
 from eplb.metrics import evaluate
 from eplb.placement import EMPTY_SLOT, Placement
+from eplb.planning.planner import auto_score
 
 
 def accepts(name: str, spec: Cluster, num_experts: int) -> bool:

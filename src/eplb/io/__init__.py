@@ -11,6 +11,7 @@ and the bundled example loads.
 
 from eplb.io.atomic import atomic_write
 from eplb.io.examples import DEFAULT_EXAMPLE, EXAMPLES, example_path, read_example
+from eplb.io.loads import LOAD_KEYS, LoadFile, read_load
 from eplb.io.placements import (
     PLACEMENT_FORMATS,
     PlacementFile,
@@ -18,7 +19,6 @@ from eplb.io.placements import (
     read_placement_file,
     write_placement,
 )
-from eplb.io.loads import LOAD_KEYS, LoadFile, read_load
 
 __all__ = [
     "DEFAULT_EXAMPLE",

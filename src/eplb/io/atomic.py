@@ -10,12 +10,11 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Union
 
 from eplb.errors import EplbError
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Replace ``path`` with ``data`` atomically and durably; return the path written.
 
     Args:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def load_torch(path: Path) -> Any:
         ) from None
 
 
-def load_numpy(path: Path) -> Union[np.ndarray, dict[str, np.ndarray]]:
+def load_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     """An ``.npy`` array, or the arrays of an ``.npz`` archive by name."""
     try:
         data = np.load(path, allow_pickle=False)

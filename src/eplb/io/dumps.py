@@ -19,7 +19,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -47,10 +47,10 @@ class LoadDump:
     """
 
     source: str
-    logical_count: Optional[torch.Tensor]
-    physical_count: Optional[torch.Tensor] = None
-    phy2log: Optional[torch.Tensor] = None
-    decayed: Optional[torch.Tensor] = None
+    logical_count: torch.Tensor | None
+    physical_count: torch.Tensor | None = None
+    phy2log: torch.Tensor | None = None
+    decayed: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def history(self) -> torch.Tensor:
@@ -68,10 +68,10 @@ def save_eplb(
     path: PathLike,
     physical_count: torch.Tensor,
     *,
-    phy2log: Optional[torch.Tensor] = None,
-    logical_count: Optional[torch.Tensor] = None,
-    decayed: Optional[torch.Tensor] = None,
-    meta: Optional[dict[str, Any]] = None,
+    phy2log: torch.Tensor | None = None,
+    logical_count: torch.Tensor | None = None,
+    decayed: torch.Tensor | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write an eplb dump atomically; return its path.
 
@@ -100,7 +100,7 @@ def save_eplb(
 
 
 def save_sglang(
-    path: PathLike, logical_count: torch.Tensor, *, rank: int = 0, utilization: Optional[float] = None
+    path: PathLike, logical_count: torch.Tensor, *, rank: int = 0, utilization: float | None = None
 ) -> Path:
     """Write SGLang's expert-distribution dump atomically; return its path.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from eplb.errors import EplbError
 from eplb.io.loads import LoadFile, read_load
@@ -26,6 +25,6 @@ def example_path(name: str = DEFAULT_EXAMPLE) -> Path:
     return Path(str(resources.files("eplb") / "data" / EXAMPLES[name]))
 
 
-def read_example(name: str = DEFAULT_EXAMPLE, *, domain: Optional[str] = None) -> LoadFile:
+def read_example(name: str = DEFAULT_EXAMPLE, *, domain: str | None = None) -> LoadFile:
     """Read bundled example ``name``; ``domain`` picks one domain of ``"olmoe"``."""
     return read_load(example_path(name), domain=domain)

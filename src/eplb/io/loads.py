@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,12 +85,12 @@ class LoadFile:
 class _Parsed:
     load: Any  # anything as_history accepts
     source: str
-    layer_ids: Optional[list[int]] = None
+    layer_ids: list[int] | None = None
     domains: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_load(path: Union[str, os.PathLike], *, domain: Optional[str] = None) -> LoadFile:
+def read_load(path: str | os.PathLike, *, domain: str | None = None) -> LoadFile:
     """Read recorded expert loads from a statistics file (or a TensorRT-LLM statistics folder).
 
     Args:
@@ -133,7 +134,7 @@ def read_load(path: Union[str, os.PathLike], *, domain: Optional[str] = None) ->
     )
 
 
-def _split_part(path: Union[str, os.PathLike], domain: Optional[str]) -> tuple[Path, Optional[str]]:
+def _split_part(path: str | os.PathLike, domain: str | None) -> tuple[Path, str | None]:
     text = os.fspath(path)
     if "#" not in text or Path(text).exists():
         return Path(text), domain
@@ -147,7 +148,7 @@ def _split_part(path: Union[str, os.PathLike], domain: Optional[str]) -> tuple[P
     return Path(head), name
 
 
-def _from_folder(folder: Path, part: Optional[str]) -> _Parsed:
+def _from_folder(folder: Path, part: str | None) -> _Parsed:
     files = sorted(folder.glob("rank*.safetensors"))
     if not files:
         raise EplbError(
@@ -162,14 +163,14 @@ def _from_folder(folder: Path, part: Optional[str]) -> _Parsed:
     return _from_data(total, folder, part)
 
 
-def _from_data(data: Any, file: Path, part: Optional[str]) -> _Parsed:
+def _from_data(data: Any, file: Path, part: str | None) -> _Parsed:
     if isinstance(data, Mapping):
         return _from_mapping(data, file, part)
     _no_part(part, file)
     return _Parsed(data, "array")
 
 
-def _from_mapping(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _from_mapping(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     keys = [str(k) for k in data]
     if "logical_count" in data:
         return _sglang(data, file, part)
@@ -194,12 +195,12 @@ def _from_mapping(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _
     return _entry(data, file, part)
 
 
-def _no_part(part: Optional[str], file: Path) -> None:
+def _no_part(part: str | None, file: Path) -> None:
     if part is not None:
         raise EplbError(f"{file} holds a single load, so there is no part {part!r} to select; drop '#{part}'")
 
 
-def _entry(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _entry(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     names = ", ".join(map(str, data)) or "nothing"
     if part is not None:
         if part not in data:
@@ -221,7 +222,7 @@ def _entry(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
     return parsed
 
 
-def _sglang(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _sglang(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     _no_part(part, file)
     history = as_history(data["logical_count"], what=f"logical_count of {file}")
     # SGLang dumps its whole zero-filled circular buffer: an all-zero step is a slot never written,
@@ -233,7 +234,7 @@ def _sglang(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed
     return _Parsed(history if recorded.all() else history[recorded], "sglang", metadata=facts)
 
 
-def _domains(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _domains(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     if "layer_pairs" in data:
         raise EplbError(
             f"{file} holds cross-layer expert pairs, not per-expert loads; read the matching *_expert_counts.json"
@@ -263,7 +264,7 @@ def _domains(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parse
     return _Parsed(torch.cat(steps), "domains", [int(i) for i in layers] if layers else None, names, facts)
 
 
-def _per_layer(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _per_layer(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     _no_part(part, file)
     rows = {}
     for key, entry in data.items():
@@ -284,7 +285,7 @@ def _per_layer(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Par
     return _Parsed(load, "layers")
 
 
-def _iterations(data: Mapping[str, Any], file: Path, part: Optional[str]) -> _Parsed:
+def _iterations(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     _no_part(part, file)
     counts = {tuple(int(x) for x in _ITERATION_LAYER_KEY.fullmatch(k).groups()): v for k, v in data.items()}
     iterations = sorted({i for i, _ in counts})

@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import operator
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 
@@ -71,10 +72,10 @@ class PlacementFile:
 def write_placement(
     placement: Placement,
     path: PathLike,
-    format: Optional[str] = None,
+    format: str | None = None,
     *,
-    layer_ids: Optional[Sequence[int]] = None,
-    metadata: Optional[Mapping[str, Any]] = None,
+    layer_ids: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``placement`` for an engine (or for eplb) atomically; return the path written.
 
@@ -96,13 +97,13 @@ def write_placement(
     return atomic_write(path, data)
 
 
-def read_placement(path: PathLike, *, num_gpus: Optional[int] = None, num_nodes: Optional[int] = None) -> Placement:
+def read_placement(path: PathLike, *, num_gpus: int | None = None, num_nodes: int | None = None) -> Placement:
     """Read a placement file of any of ``PLACEMENT_FORMATS`` (see ``read_placement_file``)."""
     return read_placement_file(path, num_gpus=num_gpus, num_nodes=num_nodes).placement
 
 
 def read_placement_file(
-    path: PathLike, *, num_gpus: Optional[int] = None, num_nodes: Optional[int] = None
+    path: PathLike, *, num_gpus: int | None = None, num_nodes: int | None = None
 ) -> PlacementFile:
     """Read a placement file: eplb or vLLM JSON, SGLang init file (JSON or ``.pt``), TensorRT-LLM YAML.
 
@@ -144,7 +145,7 @@ def read_placement_file(
 # Writing -------------------------------------------------------------------------------------
 
 
-def _resolve_format(path: Path, fmt: Optional[str]) -> str:
+def _resolve_format(path: Path, fmt: str | None) -> str:
     if fmt is None:
         fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
         if fmt is None:
@@ -157,7 +158,7 @@ def _resolve_format(path: Path, fmt: Optional[str]) -> str:
     return fmt
 
 
-def _check_layer_ids(layer_ids: Optional[Sequence[int]], num_layers: int) -> list[int]:
+def _check_layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
     if layer_ids is None:
         return list(range(num_layers))
     try:
@@ -226,7 +227,7 @@ def _encode_trtllm(placement: Placement, path: Path, ids: list[int], metadata: d
     )
     config = {
         "num_slots": placement.num_slots,
-        "initial_global_assignments": dict(zip(ids, placement.phy2log.tolist())),
+        "initial_global_assignments": dict(zip(ids, placement.phy2log.tolist(), strict=False)),
         "layer_updates_per_iter": 0,
     }
     # A width no row reaches: one line per layer (libyaml takes a C int, not infinity).
@@ -286,7 +287,7 @@ def _brief(ids: list[int]) -> str:
 
 
 def _decode_eplb(
-    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+    data: Mapping[str, Any], path: Path, num_gpus: int | None, num_nodes: int | None
 ) -> PlacementFile:
     placement = Placement.from_dict(dict(data))
     _check_matches(path, "num_gpus", num_gpus, placement.num_gpus)
@@ -296,7 +297,7 @@ def _decode_eplb(
 
 
 def _decode_sglang(
-    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+    data: Mapping[str, Any], path: Path, num_gpus: int | None, num_nodes: int | None
 ) -> PlacementFile:
     extra = [str(k) for k in data if k != _SGLANG_KEY]
     if extra:
@@ -307,7 +308,7 @@ def _decode_sglang(
     return PlacementFile(placement, list(range(placement.num_layers)), "sglang")
 
 
-def _decode_trtllm(data: Any, path: Path, num_gpus: Optional[int], num_nodes: Optional[int]) -> PlacementFile:
+def _decode_trtllm(data: Any, path: Path, num_gpus: int | None, num_nodes: int | None) -> PlacementFile:
     if not isinstance(data, Mapping) or not isinstance(data.get("initial_global_assignments"), Mapping):
         raise EplbError(
             f"{path} has no initial_global_assignments mapping; a TensorRT-LLM load-balancer file maps each "
@@ -336,7 +337,7 @@ def _decode_trtllm(data: Any, path: Path, num_gpus: Optional[int], num_nodes: Op
 
 
 def _decode_vllm(
-    data: Mapping[str, Any], path: Path, num_gpus: Optional[int], num_nodes: Optional[int]
+    data: Mapping[str, Any], path: Path, num_gpus: int | None, num_nodes: int | None
 ) -> PlacementFile:
     missing = [k for k in _VLLM_KEYS if k not in data]
     if missing:
@@ -357,9 +358,9 @@ def _from_map(
     phy2log: Any,
     path: Path,
     engine: str,
-    num_gpus: Optional[int],
-    num_nodes: Optional[int],
-    num_experts: Optional[int] = None,
+    num_gpus: int | None,
+    num_nodes: int | None,
+    num_experts: int | None = None,
 ) -> Placement:
     if num_gpus is None:
         raise EplbError(f"{path} ({engine} format) does not record the GPU count; pass num_gpus")
@@ -376,6 +377,6 @@ def _from_map(
     return Placement(table, num_experts=num_experts, num_gpus=num_gpus, num_nodes=num_nodes or 1)
 
 
-def _check_matches(path: Path, name: str, given: Optional[int], stored: int) -> None:
+def _check_matches(path: Path, name: str, given: int | None, stored: int) -> None:
     if given is not None and given != stored:
         raise EplbError(f"{path} was written for {name}={stored}, not {given}; pass {stored} or leave {name} out")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from eplb.cluster import Cluster
-
 
 # load [T, L, E] float64 (non-negative, every layer with some load) -> phy2log [L, P] int64
 PlanFn = Callable[[torch.Tensor, Cluster], torch.Tensor]
@@ -39,4 +38,4 @@ class Algorithm:
     summary: str
     uses_load: bool = True
     check: CheckFn = _no_check
-    config_type: Optional[type] = None
+    config_type: type | None = None

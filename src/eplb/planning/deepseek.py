@@ -15,7 +15,7 @@ identical. The greedy loops run over items (groups, redundant slots, replicas) w
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -244,7 +244,7 @@ def check_hierarchical(spec: Cluster, num_experts: int) -> None:
 
 
 def rebalance_experts(
-    weight: Any, num_replicas: int, num_groups: Optional[int], num_nodes: int, num_gpus: int
+    weight: Any, num_replicas: int, num_groups: int | None, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop-in replacement for deepseek-ai/EPLB's ``rebalance_experts``, with identical outputs.
 

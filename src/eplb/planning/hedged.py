@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
-from eplb.planning import deepseek
 from eplb.cluster import Cluster
-from eplb.planning.algorithm import Algorithm
 from eplb.errors import EplbError
+from eplb.planning import deepseek
+from eplb.planning.algorithm import Algorithm
 
 # Principal directions of the load shift kept per layer: bounds the cost of a long history
 # while keeping nearly all of its variance (window-to-window shifts are low rank).
@@ -214,7 +213,7 @@ class _Bins:
     slots_per_bin: int
     risk: float
     # With nodes: [B, G*S] bool, replicas that must stay on their node, and bins per node.
-    fixed: Optional[np.ndarray] = None
+    fixed: np.ndarray | None = None
     bins_per_node: int = 1
 
     @property
@@ -227,7 +226,7 @@ class _Bins:
             return self.bin_mu[rows]
         return self.bin_mu[rows] + self.risk * np.linalg.norm(self.bin_dev[rows], axis=-1)
 
-    def select(self, rows: np.ndarray) -> "_Bins":
+    def select(self, rows: np.ndarray) -> _Bins:
         """A copy of ``rows``."""
         return _Bins(self.expert[rows], self.mu[rows], self.dev[rows], self.bin_mu[rows], self.bin_dev[rows],
                      self.held[rows], self.limit[rows], self.slots_per_bin, self.risk,
@@ -247,7 +246,7 @@ def _bins_of(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, num_bins: int,
 
 
 def _deal(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, num_bins: int, num_experts: int,
-          limit: int, risk: float, fixed: Optional[np.ndarray] = None) -> _Bins:
+          limit: int, risk: float, fixed: np.ndarray | None = None) -> _Bins:
     """Deal ``[B, K]`` replicas to ``num_bins`` bins of ``K / num_bins`` slots each.
 
     ``fixed`` (``[B, K]`` bool, optional) travels with the replicas (see ``_Bins.fixed``); all
@@ -297,7 +296,7 @@ def _deal(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, num_bins: int, nu
 
 
 def _pair_costs(bins: _Bins, rows: np.ndarray, a: np.ndarray, b: np.ndarray,
-                movable: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+                movable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Planned load of the heavier bin after each swap between bins ``a`` and ``b``.
 
     Args:
@@ -379,7 +378,7 @@ def _pair_best(base: np.ndarray, excess: np.ndarray) -> tuple[np.ndarray, np.nda
     return base + np.take_along_axis(flat, k[..., None], -1)[..., 0], k
 
 
-def _best_swap(bins: _Bins, rows: np.ndarray, src_bin: np.ndarray, movable: Optional[np.ndarray] = None):
+def _best_swap(bins: _Bins, rows: np.ndarray, src_bin: np.ndarray, movable: np.ndarray | None = None):
     """The best swap of a replica of bin ``src_bin`` (``[R]``) with one of any other bin.
 
     ``movable`` (``[R, S]`` bool) limits the slots of ``src_bin`` that may give their replica.
@@ -552,7 +551,7 @@ def _pins(expert: np.ndarray, mu: np.ndarray, home: np.ndarray, num_nodes: int, 
 
 
 def _split_nodes(expert: np.ndarray, mu: np.ndarray, dev: np.ndarray, counts: np.ndarray,
-                 home: Optional[np.ndarray], spec: Cluster, config: HedgedConfig):
+                 home: np.ndarray | None, spec: Cluster, config: HedgedConfig):
     """Deal ``[L, P]`` replicas to nodes; returns them (expert, mu, dev, fixed) node by node.
 
     ``fixed`` marks the replicas that must keep their node: the pinned ones, and those of

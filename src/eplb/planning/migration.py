@@ -16,7 +16,7 @@ serving stalls while it does. Two tools bound that cost:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +51,10 @@ class MigrationCost:
     changed: torch.Tensor
     moves: torch.Tensor
     total_moves: int
-    bytes: Optional[int]
+    bytes: int | None
 
 
-def migration_cost(current: Placement, new: Placement, bytes_per_expert: Optional[int] = None) -> MigrationCost:
+def migration_cost(current: Placement, new: Placement, bytes_per_expert: int | None = None) -> MigrationCost:
     """The moves (and bytes) a rebalance from ``current`` to ``new`` costs.
 
     Args:
@@ -115,7 +115,7 @@ def check_current(current: object, spec: Cluster, num_layers: int, num_experts: 
             )
 
 
-def check_max_moves(max_moves: object, current: object) -> Optional[int]:
+def check_max_moves(max_moves: object, current: object) -> int | None:
     """``max_moves`` as an int (or None), or EplbError."""
     if max_moves is None:
         return None
@@ -131,7 +131,7 @@ def check_max_moves(max_moves: object, current: object) -> Optional[int]:
 # Orchestration ------------------------------------------------------------------------------
 
 
-def migrate(current: Placement, target: Placement, load: torch.Tensor, max_moves: Optional[int]) -> Placement:
+def migrate(current: Placement, target: Placement, load: torch.Tensor, max_moves: int | None) -> Placement:
     """The placement to switch to from ``current``, given the ideal ``target``.
 
     Args:
@@ -240,7 +240,7 @@ def _assign_within_nodes(overlap: np.ndarray, num_nodes: int) -> np.ndarray:
             inner[n, m, rows] = cols
     node_rows, node_cols = linear_sum_assignment(best, maximize=True)
     out = np.empty(overlap.shape[0], dtype=np.int64)
-    for n, m in zip(node_rows, node_cols):
+    for n, m in zip(node_rows, node_cols, strict=False):
         out[n * per_node : (n + 1) * per_node] = m * per_node + inner[n, m]
     return out
 
@@ -420,7 +420,7 @@ class _State(NamedTuple):
     hot_slots: torch.Tensor  # [L, S] its slots
 
     @classmethod
-    def of(cls, row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> "_State":
+    def of(cls, row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> _State:
         num_layers, num_slots = row.shape
         width = weight.shape[1]
         per_gpu = num_slots // num_gpus
@@ -488,7 +488,7 @@ def _candidates(state: _State) -> _Moves:
     parts = [replicate, replace]
     if state.gpu.shape[1] > 1:
         parts.append(_swaps(state))
-    return _Moves(*(torch.cat(columns, 1) for columns in zip(*parts)))
+    return _Moves(*(torch.cat(columns, 1) for columns in zip(*parts, strict=False)))
 
 
 def _replacements(state: _State, slot: torch.Tensor, expert: torch.Tensor, allowed: torch.Tensor) -> _Moves:

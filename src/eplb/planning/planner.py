@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from eplb.cluster import Cluster, check_cluster
-from eplb.planning import migration, registry
-from eplb.planning.algorithm import Algorithm
 from eplb.errors import EplbError
 from eplb.loads import as_history, dense_layers
 from eplb.placement import Placement
+from eplb.planning import migration, registry
+from eplb.planning.algorithm import Algorithm
 
 
 def plan(
@@ -20,10 +20,10 @@ def plan(
     num_gpus: int,
     num_slots: int,
     num_nodes: int = 1,
-    num_groups: Optional[int] = None,
+    num_groups: int | None = None,
     algorithm: str = "auto",
-    current: Optional[Placement] = None,
-    max_moves: Optional[int] = None,
+    current: Placement | None = None,
+    max_moves: int | None = None,
     config: Any = None,
 ) -> Placement:
     """Plan replication and placement of experts.
@@ -116,7 +116,7 @@ def _plan_auto(history: torch.Tensor, spec: Cluster, config: Any) -> Placement:
             f"no candidate of algorithm='auto' takes a {type(config).__name__}; name its algorithm "
             f"({_owners(config)}) instead"
         )
-    best: Optional[Placement] = None
+    best: Placement | None = None
     best_score = float("inf")
     for name in registry.AUTO_ORDER:
         algo = registry.get(name)

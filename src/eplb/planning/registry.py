@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from eplb.errors import EplbError
 from eplb.planning import deepseek, hedged, sglang_vec, static
 from eplb.planning.algorithm import Algorithm
-from eplb.errors import EplbError
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from eplb.cluster import Cluster
-from eplb.planning.algorithm import Algorithm
 from eplb.errors import EplbError
 from eplb.placement import EMPTY_SLOT
+from eplb.planning.algorithm import Algorithm
 
 
 def linear(load: torch.Tensor, spec: Cluster) -> torch.Tensor:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from eplb.placement import Placement
 from eplb.runtime.dispatch.alias import alias_table
 from eplb.runtime.hashing import UNIFORM_ONE
-from eplb.placement import Placement
 
 
 def _random_probs(placement, seed, zeros=0.3):

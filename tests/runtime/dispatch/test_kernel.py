@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import eplb
+from eplb.placement import Placement
 from eplb.runtime.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, solve_weights
 from eplb.runtime.hashing import UNIFORM_BITS, UNIFORM_ONE, layer_key, mix32_int
-from eplb.placement import Placement
 
 triton = pytest.importorskip("triton")
 
@@ -128,7 +128,7 @@ def test_cuda_graph_capture_and_weight_update(make_placement, backend):
     fresh = _ids(placement, 4096, 8, torch.int32, "cuda")
     ids.copy_(fresh)
     graph.replay()
-    for policy, out in zip(policies, outs):
+    for policy, out in zip(policies, outs, strict=False):
         assert torch.equal(out, policy.remap(1, fresh, backend="torch"))
     # New weights reach the captured graph without a new capture.
     weighted = policies[2]

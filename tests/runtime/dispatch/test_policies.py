@@ -5,10 +5,9 @@ import sys
 import pytest
 import torch
 
-from eplb.runtime.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, static_tables
 from eplb.errors import EplbError
-
 from eplb.placement import Placement
+from eplb.runtime.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, static_tables
 
 DTYPES = (torch.int32, torch.int64)
 

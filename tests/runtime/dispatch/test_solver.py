@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import eplb
-from eplb.runtime.dispatch import WeightedDispatch, solve_weights, split_gpu_load
 from eplb.errors import EplbError
 from eplb.placement import Placement
+from eplb.runtime.dispatch import WeightedDispatch, solve_weights, split_gpu_load
 
 REAL = Path(__file__).resolve().parents[2] / "../shared/eplb_real_data/sglang-dsv3-ep-stats"
 

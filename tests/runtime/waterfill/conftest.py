@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -95,8 +95,8 @@ def emulate_dynamic(batches, p, w, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """(global counts, per-rank work) of one dynamic-mode step on ``w`` emulated ranks."""
     balancers = [WaterfillBalancer(p, w, r, mode="dynamic", all_reduce=lambda t: t, backend="torch", **kw)
                  for r in range(w)]
-    counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, batches))
-    outs = [b.expand_topk_global(ids, wt, counts)[0] for b, (ids, wt) in zip(balancers, batches)]
+    counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, batches, strict=False))
+    outs = [b.expand_topk_global(ids, wt, counts)[0] for b, (ids, wt) in zip(balancers, batches, strict=False)]
     return counts, rank_compute(outs, p // w, w)
 
 
@@ -203,7 +203,7 @@ def test_estimate_batch_is_the_batch_rule_where_the_records_are_level(make_topk)
         sglang = WaterfillBalancer(p, w, rank, backend="torch").expand_topk(ids, weights)
         # Every rank below the recorded water level: no excess, so the batch's counts alone decide.
         level = WaterfillBalancer(p, w, rank, rank_load=torch.ones(w), estimate="batch", backend="torch")
-        assert all(torch.equal(a, b) for a, b in zip(level.expand_topk(ids, weights), sglang))
+        assert all(torch.equal(a, b) for a, b in zip(level.expand_topk(ids, weights), sglang, strict=False))
 
 
 def test_estimate_batch_sends_nothing_to_a_rank_hot_in_the_records_but_light_in_the_batch(make_topk):

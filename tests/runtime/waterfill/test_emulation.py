@@ -33,7 +33,7 @@ def plain_moe(x, ids, weights, routed, shared, factor) -> torch.Tensor:
     """The model's MoE layer without EP: routed experts by slot id, the shared expert unscaled."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
-        for e, w in zip(ids[t].tolist(), weights[t].tolist()):
+        for e, w in zip(ids[t].tolist(), weights[t].tolist(), strict=False):
             if e >= 0:
                 out[t] += w * run_expert(routed, e, x[t])
     return (factor or 1.0) * out + run_expert(shared, 0, x)
@@ -80,8 +80,8 @@ def test_waterfill_leaves_the_moe_output_unchanged(mode, seed, weights_in_expert
     if mode == "dynamic":
         balancers = [WaterfillBalancer(ep_size * epr, ep_size, r, factor, mode, all_reduce=lambda t: t, **kw)
                      for r in range(ep_size)]
-        counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, tops))
-        expanded = [b.expand_topk_global(ids, w, counts) for b, (ids, w) in zip(balancers, tops)]
+        counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, tops, strict=False))
+        expanded = [b.expand_topk_global(ids, w, counts) for b, (ids, w) in zip(balancers, tops, strict=False)]
     else:
         rank_load = torch.rand(ep_size, generator=gen) + 0.01
         expanded = [
@@ -91,7 +91,7 @@ def test_waterfill_leaves_the_moe_output_unchanged(mode, seed, weights_in_expert
         ]
     outs = ep_moe(xs, expanded, routed, shared, factor, epr, weights_in_expert)
     moved = 0
-    for r, (x, (ids, w), out, (new_ids, _)) in enumerate(zip(xs, tops, outs, expanded)):
+    for r, (x, (ids, w), out, (new_ids, _)) in enumerate(zip(xs, tops, outs, expanded, strict=False)):
         real = (ids >= 0).any(1)  # a token without routed entries is padding: its output is unused
         assert torch.allclose(out[real], plain_moe(x, ids, w, routed, shared, factor)[real], rtol=1e-10, atol=1e-10)
         moved += int((new_ids[:, -1] >= 0).logical_and(new_ids[:, -1] // (epr + 1) != r).sum())

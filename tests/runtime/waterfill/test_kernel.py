@@ -11,14 +11,12 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.runtime.waterfill.waterfill_inputs import random_topk
-
 from eplb import WaterfillBalancer  # noqa: E402
+from tests.runtime.waterfill.waterfill_inputs import random_topk
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -93,7 +91,7 @@ def compare_backends(device: str) -> int:
                 outs.append((counts, *b.expand_topk_global(ids, weights, counts * w)))
             else:
                 outs.append(b.expand_topk(ids, weights))
-        for a, b in zip(*outs):
+        for a, b in zip(*outs, strict=False):
             assert a.dtype == b.dtype and torch.equal(a, b), f"case {i} {CASES[i]}: backends differ"
     return len(CASES)
 
@@ -157,7 +155,7 @@ def test_counting_launch_with_several_tiles_per_program(monkeypatch, resident):
     b, ref = (WaterfillBalancer(p, w, 5, 2.5, rank_load=rank_load, backend=backend) for backend in ("triton", "torch"))
     for m in (1000, 70, 20000, 4096):
         ids, weights = (t.cuda() for t in random_topk(m, k, p, seed=m, skew=2.0, dtype=torch.int32))
-        for out, expected in zip(b.expand_topk(ids, weights), ref.expand_topk(ids, weights)):
+        for out, expected in zip(b.expand_topk(ids, weights), ref.expand_topk(ids, weights), strict=False):
             assert torch.equal(out, expected), f"{m} tokens, {resident} resident programs"
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from eplb.runtime.hashing import UNIFORM_ONE
 from eplb.errors import EplbError
 from eplb.placement import Placement
+from eplb.runtime.hashing import UNIFORM_ONE
 
 
 def alias_table(placement: Placement, probs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,15 +8,15 @@ interpreter, which is how it is tested without a GPU.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from eplb.runtime.hashing import MUL1, MUL2, UNIFORM_BITS
 from eplb.runtime.dispatch.reference import Mode
+from eplb.runtime.hashing import MUL1, MUL2, UNIFORM_BITS
 
 BLOCK = 1024
 # Kernels may read only constexpr globals. Literals in [2**31, 2**32) are typed uint32, so
@@ -59,7 +59,7 @@ def _remap_kernel(
     tl.store(out_ptr + offs, tl.where(routed, slot, -1), mask=in_range)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(interpret: bool) -> Any:
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from eplb.runtime.dispatch.alias import alias_table
-from eplb.runtime.hashing import layer_key
-from eplb.runtime.dispatch.reference import Mode, remap_torch
 from eplb.errors import EplbError
 from eplb.placement import Placement
+from eplb.runtime.dispatch.alias import alias_table
+from eplb.runtime.dispatch.reference import Mode, remap_torch
+from eplb.runtime.hashing import layer_key
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -174,7 +174,7 @@ class WeightedDispatch(_Dispatch):
     @classmethod
     def from_load(
         cls, placement: Placement, load: Any, seed: int = 0, device: Any = None, **solver: Any
-    ) -> "WeightedDispatch":
+    ) -> WeightedDispatch:
         """Weights that even out the GPU loads for ``load`` (``[L, E]`` or ``[T, L, E]``);
         ``solver`` is passed to ``solve_weights``."""
         from eplb.runtime.dispatch.solver import solve_weights

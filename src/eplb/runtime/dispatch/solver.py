@@ -96,7 +96,7 @@ def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
     experts = movable.nonzero().flatten().tolist()
     sub = z[experts].tolist(), gpu[experts].tolist(), distinct[experts].tolist(), w[experts].tolist()
     slots, to_gpu, flow, weight = {}, {}, {}, {}
-    for e, z_e, gpu_e, distinct_e, w_e in zip(experts, *sub):
+    for e, z_e, gpu_e, distinct_e, w_e in zip(experts, *sub, strict=False):
         slots[e] = [x for x, keep in enumerate(distinct_e) if keep]
         to_gpu[e] = [gpu_e[x] for x in slots[e]]
         flow[e] = [z_e[x] for x in slots[e]]
@@ -105,7 +105,7 @@ def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
     # Fixed load: experts that cannot move (one GPU) or carry nothing.
     fixed = list(load)
     for e in experts:
-        for g, f in zip(to_gpu[e], flow[e]):
+        for g, f in zip(to_gpu[e], flow[e], strict=False):
             fixed[g] -= f
     eps = 1e-12 * max(sum(load), 1e-300)
     target = max(bound, max(fixed))
@@ -143,18 +143,18 @@ def _finish_layer(z, w, gpu, distinct, movable, y, bound: float) -> None:
             continue
         # Along the path each expert adds `amount` to its GPU and the next one takes it off
         # again; only the first expert's unrouted load and the last GPU's room change.
-        taken = [to_gpu[nxt].index(to_gpu[e][i]) for (e, i), (nxt, _) in zip(path, path[1:])]
+        taken = [to_gpu[nxt].index(to_gpu[e][i]) for (e, i), (nxt, _) in zip(path, path[1:], strict=False)]
         last_gpu = to_gpu[path[-1][0]][path[-1][1]]
         amount = min(
             unrouted[path[0][0]],
             target - load[last_gpu],
-            *(flow[nxt][j] for (nxt, _), j in zip(path[1:], taken)),
+            *(flow[nxt][j] for (nxt, _), j in zip(path[1:], taken, strict=False)),
         )
         unrouted[path[0][0]] -= amount
         load[last_gpu] += amount
         for e, i in path:
             flow[e][i] += amount
-        for (nxt, _), j in zip(path[1:], taken):
+        for (nxt, _), j in zip(path[1:], taken, strict=False):
             flow[nxt][j] -= amount
     for e in experts:
         z[e, slots[e]] = torch.tensor(flow[e], dtype=z.dtype).clamp(min=0)

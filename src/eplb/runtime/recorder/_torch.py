@@ -7,8 +7,6 @@ Shapes: L layers, P physical slots, W window rows.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -41,7 +39,7 @@ def close_step(
     ring: torch.Tensor,
     steps: torch.Tensor,
     enabled: torch.Tensor,
-    decayed: Optional[torch.Tensor],
+    decayed: torch.Tensor | None,
     decay: float,
 ) -> None:
     """Move the current step into the ring, fold it into the decayed sum, clear it, count it.

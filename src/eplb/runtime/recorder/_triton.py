@@ -9,8 +9,6 @@ loop with a runtime trip count, which the interpreter cannot run; one block per 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -95,7 +93,7 @@ def close_step(
     ring: torch.Tensor,
     steps: torch.Tensor,
     enabled: torch.Tensor,
-    decayed: Optional[torch.Tensor],
+    decayed: torch.Tensor | None,
     decay: float,
 ) -> None:
     """See ``eplb.runtime.recorder._torch.close_step``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ def _require_group() -> None:
         )
 
 
-def global_sum(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
+def global_sum(tensor: torch.Tensor, group: Any | None = None) -> torch.Tensor:
     """A summed copy of ``tensor`` over ``group`` (default: the world); ``tensor`` is untouched.
 
     A collective: every rank of the group must call it with a tensor of the same shape and
@@ -30,7 +30,7 @@ def global_sum(tensor: torch.Tensor, group: Optional[Any] = None) -> torch.Tenso
     return out
 
 
-def check_same_steps(steps: torch.Tensor, group: Optional[Any] = None) -> int:
+def check_same_steps(steps: torch.Tensor, group: Any | None = None) -> int:
     """The step count shared by every rank of ``group``; raises EplbError where ranks differ.
 
     Summing windows is only meaningful when row ``r`` holds the same forward step on every

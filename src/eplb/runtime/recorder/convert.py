@@ -7,7 +7,7 @@ so the windowed metrics can run on the hot path.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 
@@ -17,7 +17,7 @@ from eplb.placement import Placement
 DEFAULT_WINDOW_SIZES = (10, 100, 1000)
 
 
-def ring_order(steps: int, window: int, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+def ring_order(steps: int, window: int, device: str | torch.device | None = None) -> torch.Tensor:
     """``[T]`` int64: the ring rows holding the last ``T = min(steps, window)`` steps, oldest first.
 
     Args:
@@ -31,8 +31,8 @@ def ring_order(steps: int, window: int, device: Union[str, torch.device, None] =
 
 def to_logical(
     loads: torch.Tensor,
-    phy2log: Union[torch.Tensor, Placement],
-    num_experts: Optional[int] = None,
+    phy2log: torch.Tensor | Placement,
+    num_experts: int | None = None,
 ) -> torch.Tensor:
     """Sum slot loads over the replicas of each logical expert.
 
@@ -93,7 +93,7 @@ def step_balancedness(slot_loads: torch.Tensor, slots_per_gpu: int) -> torch.Ten
     return torch.where(peak > 0, gpu.mean(-1) / peak.clamp(min=1e-30), 1.0)
 
 
-def check_window_sizes(sizes: Optional[Iterable[int]], window: int) -> tuple[int, ...]:
+def check_window_sizes(sizes: Iterable[int] | None, window: int) -> tuple[int, ...]:
     """The window sizes to report, validated against a ring of ``window`` rows.
 
     ``None`` picks those of 10 / 100 / 1000 the ring can hold (or just ``window`` when it
@@ -115,7 +115,7 @@ def windowed_balancedness(
     ring: torch.Tensor,
     steps: torch.Tensor,
     slots_per_gpu: int,
-    sizes: Optional[Iterable[int]] = None,
+    sizes: Iterable[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Per-layer balancedness averaged over the last ``s`` steps, for each ``s`` in ``sizes``.
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable, Sequence
 from types import ModuleType
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 
 from eplb.errors import EplbError
-from eplb.placement import Placement
 from eplb.io import dumps
+from eplb.placement import Placement
 from eplb.runtime.recorder import collective
 from eplb.runtime.recorder.convert import ring_order, to_logical, windowed_balancedness
 
@@ -71,10 +72,10 @@ class ExpertLoadRecorder:
         num_layers: int,
         num_slots: int,
         window: int,
-        device: Union[str, torch.device, None] = None,
-        decay: Optional[float] = None,
+        device: str | torch.device | None = None,
+        decay: float | None = None,
         *,
-        num_experts: Optional[int] = None,
+        num_experts: int | None = None,
         coactivation: bool = False,
         backend: str = "auto",
         enabled: bool = True,
@@ -138,7 +139,7 @@ class ExpertLoadRecorder:
         ids = self._check_ids(topk_ids, "topk_ids")
         self._ops.record_topk(self.current[layer], ids.reshape(-1), self.enabled_flag)
 
-    def record_counts(self, layer: int, counts: Union[torch.Tensor, Sequence[int]], first_slot: int = 0) -> None:
+    def record_counts(self, layer: int, counts: torch.Tensor | Sequence[int], first_slot: int = 0) -> None:
         """Add per-slot token counts the dispatcher already has, into slots ``[first_slot, first_slot + n)``.
 
         Args:
@@ -162,7 +163,7 @@ class ExpertLoadRecorder:
         if n:
             self._ops.record_counts(self.current[layer, first_slot : first_slot + n], counts, self.enabled_flag)
 
-    def record_coactivation(self, layer: int, topk_ids: torch.Tensor, phy2log: Optional[Phy2Log] = None) -> None:
+    def record_coactivation(self, layer: int, topk_ids: torch.Tensor, phy2log: Phy2Log | None = None) -> None:
         """Count, for each pair of logical experts, the tokens that picked both (opt-in).
 
         Args:
@@ -210,7 +211,7 @@ class ExpertLoadRecorder:
         """``[T, L, P]`` int32 slot loads of this rank, oldest step first, ``T = min(steps, W)``."""
         return self.ring.index_select(0, ring_order(self.num_steps, self.window, self.device))
 
-    def logical_loads(self, phy2log: Phy2Log, loads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logical_loads(self, phy2log: Phy2Log, loads: torch.Tensor | None = None) -> torch.Tensor:
         """``[T, L, E]`` logical loads: ``loads`` (default :meth:`loads`) summed over each expert's replicas.
 
         Args:
@@ -226,7 +227,7 @@ class ExpertLoadRecorder:
             raise EplbError("this recorder keeps no decayed loads; build it with decay=0.95 (or another factor)")
         return self.decayed.clone()
 
-    def global_ring(self, group: Optional[Any] = None) -> torch.Tensor:
+    def global_ring(self, group: Any | None = None) -> torch.Tensor:
         """``[W, L, P]`` the ring summed over ``group``, in ring order (pair it with ``steps``).
 
         A collective every rank must call; no host sync with NCCL, so it may run on the hot path
@@ -234,7 +235,7 @@ class ExpertLoadRecorder:
         """
         return collective.global_sum(self.ring, group)
 
-    def global_loads(self, group: Optional[Any] = None) -> torch.Tensor:
+    def global_loads(self, group: Any | None = None) -> torch.Tensor:
         """``[T, L, P]`` slot loads summed over ``group`` (default: the world), oldest step first.
 
         A collective every rank must call (two all-reduces, one host sync); raises EplbError if
@@ -244,7 +245,7 @@ class ExpertLoadRecorder:
         return self.global_ring(group).index_select(0, ring_order(steps, self.window, self.device))
 
     def balancedness(
-        self, slots_per_gpu: int, sizes: Optional[Iterable[int]] = None, ring: Optional[torch.Tensor] = None
+        self, slots_per_gpu: int, sizes: Iterable[int] | None = None, ring: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
         """Per-layer mean/max GPU load averaged over the last ``s`` steps: ``{s: [L] float32}`` on the device.
 
@@ -256,11 +257,11 @@ class ExpertLoadRecorder:
 
     def dump(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         *,
         fmt: str = "eplb",
-        phy2log: Optional[Phy2Log] = None,
-        loads: Optional[torch.Tensor] = None,
+        phy2log: Phy2Log | None = None,
+        loads: torch.Tensor | None = None,
         rank: int = 0,
     ) -> None:
         """Write the window to ``path`` atomically (see ``eplb.io.dumps`` for both formats).

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from eplb.runtime.hashing import layer_key, mix32_int
 from eplb.errors import EplbError
 from eplb.loads import as_history
 from eplb.placement import Placement
+from eplb.runtime.hashing import layer_key, mix32_int
 from eplb.runtime.waterfill import reference
 from eplb.runtime.waterfill.layout import slots_per_rank
 from eplb.runtime.waterfill.reference import MAX_EP_SIZE, Rule, Source
@@ -172,7 +172,7 @@ class WaterfillBalancer:
     @classmethod
     def from_placement(
         cls, placement: Placement, load: Any, *, layer: int, rank: int, **kwargs: Any
-    ) -> "WaterfillBalancer":
+    ) -> WaterfillBalancer:
         """A static-mode balancer whose rank loads come from an EPLB placement and recorded loads.
 
         Args:

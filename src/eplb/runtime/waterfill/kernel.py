@@ -361,7 +361,7 @@ def sync_size(ep_size: int) -> int:
     return 2 * ep_size + 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resident_programs(device: torch.device) -> int:
     """Programs of the counting launch that are surely resident at once: one per SM (a program
     needs a small part of one); the interpreter runs one program at a time, so one."""

@@ -7,12 +7,33 @@ load (dense layers, all-zero in recorded files, would otherwise pull every avera
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from eplb.errors import EplbError
 from eplb.loads import as_history
-from eplb.placement import Placement
+
+if TYPE_CHECKING:  # Placement computes its GPU loads with gpu_totals below
+    from eplb.placement import Placement
+
+
+def gpu_totals(slot_values: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
+    """``[..., G]``: per-GPU sums of per-slot values ``[..., P]`` (slot ``p`` lives on GPU ``p // (P / G)``)."""
+    num_slots = slot_values.shape[-1]
+    if slots_per_gpu < 1 or num_slots % slots_per_gpu != 0:
+        raise EplbError(
+            f"{num_slots} slots cannot be split into GPUs of {slots_per_gpu} slots; "
+            f"pass slots_per_gpu = P / G, a divisor of {num_slots}"
+        )
+    return slot_values.unflatten(-1, (num_slots // slots_per_gpu, slots_per_gpu)).sum(-1)
+
+
+def balancedness(gpu_load: torch.Tensor) -> torch.Tensor:
+    """``[...]``: mean / max of per-GPU loads ``[..., G]`` (SGLang's and vLLM's metric: 1 is perfect,
+    ``1 / balancedness`` is max/mean); a row without load gives 1."""
+    peak = gpu_load.amax(-1)
+    return torch.where(peak > 0, gpu_load.mean(-1) / torch.where(peak > 0, peak, 1), 1.0)
 
 
 def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tensor:

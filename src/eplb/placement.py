@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from eplb.errors import EplbError
+from eplb.metrics import gpu_totals
 
 EMPTY_SLOT = -1
 
@@ -186,8 +187,7 @@ class Placement:
 
     def gpu_load(self, load: torch.Tensor) -> torch.Tensor:
         """Per-GPU load ``[..., L, G]`` for a logical load ``[..., L, E]``."""
-        s = self.slot_load(load)
-        return s.unflatten(-1, (self.num_gpus, self.slots_per_gpu)).sum(-1)
+        return gpu_totals(self.slot_load(load), self.slots_per_gpu)
 
     # Plain data ------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from eplb import EplbError, Placement
+from eplb.metrics import gpu_totals
 from eplb.runtime.recorder.convert import (
     check_window_sizes,
-    gpu_loads,
     ring_order,
     step_balancedness,
     to_logical,
@@ -51,13 +51,13 @@ def test_to_logical_rejects_mismatched_shapes_and_float_maps() -> None:
         to_logical(torch.zeros(3, 4), torch.zeros(3, 4))
 
 
-def test_gpu_loads_and_step_balancedness() -> None:
+def test_gpu_totals_and_step_balancedness() -> None:
     slot = torch.tensor([[1, 3, 2, 2, 0, 0], [0, 0, 0, 0, 0, 0]])
-    assert gpu_loads(slot, 2).tolist() == [[4, 4, 0], [0, 0, 0]]
+    assert gpu_totals(slot, 2).tolist() == [[4, 4, 0], [0, 0, 0]]
     bal = step_balancedness(slot, 2)
     assert bal.tolist() == pytest.approx([(8 / 3) / 4, 1.0])
     with pytest.raises(EplbError, match="divisor of 6"):
-        gpu_loads(slot, 4)
+        gpu_totals(slot, 4)
 
 
 def test_windowed_balancedness_averages_the_last_steps() -> None:

@@ -5,12 +5,11 @@ torch elsewhere); ``to_logical`` turns them into the logical loads ``eplb.plan``
 and read back by ``eplb.io.read_load``.
 """
 
-from eplb.runtime.recorder.convert import gpu_loads, ring_order, step_balancedness, to_logical, windowed_balancedness
+from eplb.runtime.recorder.convert import ring_order, step_balancedness, to_logical, windowed_balancedness
 from eplb.runtime.recorder.recorder import ExpertLoadRecorder
 
 __all__ = [
     "ExpertLoadRecorder",
-    "gpu_loads",
     "ring_order",
     "step_balancedness",
     "to_logical",

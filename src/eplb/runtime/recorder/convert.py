@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from eplb.errors import EplbError
+from eplb.metrics import balancedness, gpu_totals
 from eplb.placement import Placement
 
 DEFAULT_WINDOW_SIZES = (10, 100, 1000)
@@ -70,17 +71,6 @@ def to_logical(
     return out[..., :num_experts]
 
 
-def gpu_loads(slot_loads: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
-    """``[..., L, G]``: per-GPU loads from per-slot loads ``[..., L, P]`` (slot p on GPU p // (P/G))."""
-    num_slots = slot_loads.shape[-1]
-    if slots_per_gpu < 1 or num_slots % slots_per_gpu != 0:
-        raise EplbError(
-            f"{num_slots} slots cannot be split into GPUs of {slots_per_gpu} slots; "
-            f"pass slots_per_gpu = P / G, a divisor of {num_slots}"
-        )
-    return slot_loads.unflatten(-1, (num_slots // slots_per_gpu, slots_per_gpu)).sum(-1)
-
-
 def step_balancedness(slot_loads: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
     """``[..., L]`` float32: mean / max GPU load of each layer (1 is perfect; a layer without load gives 1).
 
@@ -88,9 +78,7 @@ def step_balancedness(slot_loads: torch.Tensor, slots_per_gpu: int) -> torch.Ten
         slot_loads: ``[..., L, P]`` per-slot loads of one or more steps.
         slots_per_gpu: ``P / G``.
     """
-    gpu = gpu_loads(slot_loads.to(torch.float32), slots_per_gpu)
-    peak = gpu.amax(-1)
-    return torch.where(peak > 0, gpu.mean(-1) / peak.clamp(min=1e-30), 1.0)
+    return balancedness(gpu_totals(slot_loads.to(torch.float32), slots_per_gpu))
 
 
 def check_window_sizes(sizes: Iterable[int] | None, window: int) -> tuple[int, ...]:
@@ -148,7 +136,6 @@ def windowed_balancedness(
 __all__ = [
     "DEFAULT_WINDOW_SIZES",
     "check_window_sizes",
-    "gpu_loads",
     "ring_order",
     "step_balancedness",
     "to_logical",

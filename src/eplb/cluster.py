@@ -15,6 +15,17 @@ def is_count(value: Any, minimum: int = 1) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= minimum
 
 
+def require_count(name: str, value: Any, minimum: int = 1, maximum: int | None = None, fix: str = "") -> int:
+    """``value`` as an ``int`` if it is an integer in ``[minimum, maximum]``, else one EplbError naming ``name``.
+
+    ``fix`` ends the message with what to pass instead (e.g. "pass the model's expert count").
+    """
+    if is_count(value, minimum) and (maximum is None or int(value) <= maximum):
+        return int(value)
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise EplbError(f"{name} must be an integer {bound}, got {value!r}" + (f"; {fix}" if fix else ""))
+
+
 @dataclass(frozen=True)
 class Cluster:
     """The cluster a placement is planned for.

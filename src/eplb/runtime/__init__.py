@@ -3,7 +3,8 @@
 - ``recorder``: per-slot expert load, recorded on the device (CUDA-graph safe);
 - ``dispatch``: logical -> physical remapping of each token's top-k;
 - ``waterfill``: the shared expert's work sent to less loaded ranks;
-- ``hashing`` and ``backend``: the counter hash and the Triton-or-torch rule every kernel shares.
+- ``hashing`` (with its Triton twin ``hashing_triton``) and ``backend``: the counter hash and the
+  Triton-or-torch rule every kernel shares.
 
 Nothing here is imported by ``import eplb`` until used.
 """

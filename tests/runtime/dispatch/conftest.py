@@ -1,32 +1,21 @@
-"""Shared helpers for the dispatch tests: random placements with redundant replicas."""
+"""Fixtures of the dispatch tests: random placements with redundant replicas."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-import torch
 
 from eplb.placement import Placement
-
-
-def _make_placement(seed: int, *, layers: int = 2, experts: int = 12, gpus: int = 4, nodes: int = 2,
-                   slots_per_gpu: int = 4) -> Placement:
-    """Every expert once, the remaining slots hold random experts (duplicates on a GPU allowed)."""
-    g = torch.Generator().manual_seed(seed)
-    num_slots = gpus * slots_per_gpu
-    rows = []
-    for _ in range(layers):
-        extra = torch.randint(0, experts, (num_slots - experts,), generator=g)
-        row = torch.cat([torch.arange(experts), extra])
-        rows.append(row[torch.randperm(num_slots, generator=g)])
-    return Placement(torch.stack(rows), num_experts=experts, num_gpus=gpus, num_nodes=nodes)
+from tests.runtime.dispatch.dispatch_inputs import make_placement as _make_placement
 
 
 @pytest.fixture
-def make_placement():
+def make_placement() -> Callable[..., Placement]:
+    """``dispatch_inputs.make_placement``: a seeded random placement."""
     return _make_placement
 
 
 @pytest.fixture
 def placement() -> Placement:
     return _make_placement(0)
-

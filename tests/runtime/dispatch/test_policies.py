@@ -15,7 +15,11 @@ DTYPES = (torch.int32, torch.int64)
 def _policies(placement, rank=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs = torch.rand(placement.log2phy.shape, generator=g, dtype=torch.float64) * (placement.log2phy >= 0)
-    return [StaticDispatch(placement, rank), HashDispatch(placement, seed=seed), WeightedDispatch(placement, probs, seed=seed)]
+    return [
+        StaticDispatch(placement, rank),
+        HashDispatch(placement, seed=seed),
+        WeightedDispatch(placement, probs, seed=seed),
+    ]
 
 
 def _ids(placement, dtype, tokens=200, k=4, seed=0):

@@ -1,25 +1,21 @@
-"""The Triton recorder kernels against the torch reference backend.
-
-On CUDA the comparison runs in this process; on the CPU it runs in a child process under
-Triton's interpreter (``TRITON_INTERPRET=1`` must be set before Triton compiles anything, so it
-cannot be switched on inside a test process that may already hold compiled kernels).
-Run this file as a script to do the comparison on the CPU interpreter by hand.
-"""
+"""The Triton recorder kernels against the torch reference backend (``kernel_harness``: on CUDA,
+and on the CPU under Triton's interpreter)."""
 
 from __future__ import annotations
-
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from eplb.runtime.recorder import ExpertLoadRecorder
+from tests.runtime.kernel_harness import KERNEL_DEVICES, run_check
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+# (tokens per call, slots, steps) per device: on CUDA 16384 x 8 ids spread over many programs and
+# 1 and 129 tokens leave partial blocks; the interpreter runs a block per program in Python, so
+# small sizes there (300 x 8 ids span 3 programs).
+SIZES = {
+    "cuda": [((16384, 1, 129), 288, 5), ((16384, 1, 129), 256, 5), ((16384, 1, 129), 9, 5)],
+    "cpu": [((300, 1), 20, 5), ((5,), 32, 3)],
+}
 
 
 def compare_backends(device: str, sizes: tuple[int, ...], num_slots: int, steps: int = 5) -> None:
@@ -56,24 +52,11 @@ def compare_backends(device: str, sizes: tuple[int, ...], num_slots: int, steps:
     assert triton_rec.loads().sum() > 0
 
 
-@pytest.mark.slow
-@needs_triton
-def test_triton_kernels_match_torch_under_the_cpu_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+def check_kernels(device: str) -> None:
+    for sizes, num_slots, steps in SIZES[device]:
+        compare_backends(device, sizes, num_slots, steps)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("num_slots", [288, 256, 9])
-def test_triton_kernels_match_torch_on_cuda(num_slots: int) -> None:
-    # 16384 x 8 ids spread over many programs; 1 and 129 tokens leave partial blocks.
-    compare_backends("cuda", sizes=(16384, 1, 129), num_slots=num_slots)
-
-
-if __name__ == "__main__":
-    # Small sizes: the interpreter runs a block per program in Python. 300 x 8 ids span 3 programs.
-    compare_backends("cpu", sizes=(300, 1), num_slots=20)
-    compare_backends("cpu", sizes=(5,), num_slots=32, steps=3)
-    print("ok")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_triton_kernels_match_torch(device: str) -> None:
+    run_check(check_kernels, device)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import eplb
-from eplb import EplbError, Placement, WaterfillBalancer
+from eplb import EplbError, Placement, WaterfillBalancer, WaterfillConfig
 from eplb.runtime.waterfill import expand_routed_ids, shared_slot
+from eplb.runtime.waterfill.config import HostInput
+from eplb.runtime.waterfill.reference import Source
 from tests.runtime.waterfill.waterfill_inputs import random_topk
+
+TORCH = WaterfillConfig(backend="torch")
 
 
 def shared_ranks(ids: torch.Tensor, epr: int) -> torch.Tensor:
@@ -17,6 +23,7 @@ def shared_ranks(ids: torch.Tensor, epr: int) -> torch.Tensor:
 
 def test_lazy_export():
     assert eplb.WaterfillBalancer is WaterfillBalancer
+    assert eplb.WaterfillConfig is WaterfillConfig
 
 
 @pytest.mark.parametrize("factor", [None, 0, 2.5, 1])
@@ -24,7 +31,7 @@ def test_lazy_export():
 def test_layout_and_weights(make_topk, factor, dtype):
     p, w, k = 48, 6, 4
     ids, weights = make_topk(200, k, p, seed=3, padded=5, dtype=dtype, weight_dtype=torch.float64)
-    out_ids, out_w = WaterfillBalancer(p, w, 2, factor, backend="torch").expand_topk(ids, weights)
+    out_ids, out_w = WaterfillBalancer(p, w, 2, replace(TORCH, routed_scaling_factor=factor)).expand_topk(ids, weights)
     assert out_ids.shape == (200, k + 1) and out_ids.dtype == dtype and out_w.dtype == torch.float64
     assert torch.equal(out_ids[:, :k], expand_routed_ids(ids, p // w))
     assert torch.equal(out_w[:, :k], torch.where(ids >= 0, weights, 0))
@@ -41,7 +48,7 @@ def test_each_token_gets_one_shared_slot_among_its_candidates(make_topk, ep_size
     p, k, rank = 4 * ep_size * 3, 3, 0  # rank 0 holds the hottest slots
     epr = p // ep_size
     ids, weights = make_topk(300, k, p, seed=ep_size, skew=4.0, padded=4)
-    out, _ = WaterfillBalancer(p, ep_size, rank, candidates=candidates, backend="torch").expand_topk(ids, weights)
+    out, _ = WaterfillBalancer(p, ep_size, rank, replace(TORCH, candidates=candidates)).expand_topk(ids, weights)
     valid = (ids >= 0).any(1)
     shared = out[valid, -1]
     assert ((shared % (epr + 1)) == epr).all()  # a shared slot, never a routed one
@@ -58,14 +65,14 @@ def test_each_token_gets_one_shared_slot_among_its_candidates(make_topk, ep_size
 
 def test_small_batches_stay_local(make_topk):
     p, w, rank = 32, 4, 0  # rank 0 is the hot one: waterfill wants to move its shared experts
-    b = WaterfillBalancer(p, w, rank, backend="torch")
+    b = WaterfillBalancer(p, w, rank, TORCH)
     ids, weights = make_topk(63, 2, p, seed=0, skew=6.0)
     out, _ = b.expand_topk(ids, weights)
     assert (out[(ids >= 0).any(1), -1] == shared_slot(rank, 8)).all()
     ids, weights = make_topk(64, 2, p, seed=0, skew=6.0)
     out, _ = b.expand_topk(ids, weights)
     assert (out[:, -1] != shared_slot(rank, 8)).any()
-    out, _ = WaterfillBalancer(p, w, rank, min_batch=0, backend="torch").expand_topk(*make_topk(5, 2, p, skew=6.0))
+    out, _ = WaterfillBalancer(p, w, rank, replace(TORCH, min_batch=0)).expand_topk(*make_topk(5, 2, p, skew=6.0))
     assert (out[:, -1] != shared_slot(rank, 8)).any()
 
 
@@ -73,12 +80,14 @@ def test_deterministic_and_seeded_per_layer_and_rank(make_topk):
     p, w = 64, 8
     ids, weights = make_topk(500, 4, p, seed=1, skew=2.0)
 
-    def dest(**kw):
-        return WaterfillBalancer(p, w, kw.pop("rank", 3), backend="torch", **kw).expand_topk(ids, weights)[0][:, -1]
+    def dest(layer_id: int = 0, seed: int = 0, rank: int = 3) -> torch.Tensor:
+        b = WaterfillBalancer(p, w, rank, replace(TORCH, seed=seed), layer_id=layer_id)
+        return b.expand_topk(ids, weights)[0][:, -1]
 
     assert torch.equal(dest(), dest())
     assert not torch.equal(dest(layer_id=0), dest(layer_id=1))
     assert not torch.equal(dest(seed=0), dest(seed=1))
+    assert not torch.equal(dest(rank=3), dest(rank=4))
     assert torch.equal(dest(layer_id=7, seed=2), dest(layer_id=7, seed=2))
 
 
@@ -91,10 +100,10 @@ def rank_compute(outs: list[torch.Tensor], epr: int, ep_size: int) -> torch.Tens
     return work
 
 
-def emulate_dynamic(batches, p, w, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def emulate_dynamic(batches, p, w, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
     """(global counts, per-rank work) of one dynamic-mode step on ``w`` emulated ranks."""
-    balancers = [WaterfillBalancer(p, w, r, mode="dynamic", all_reduce=lambda t: t, backend="torch", **kw)
-                 for r in range(w)]
+    config = replace(TORCH, mode="dynamic", **knobs)
+    balancers = [WaterfillBalancer(p, w, r, config, all_reduce=lambda t: t) for r in range(w)]
     counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, batches, strict=False))
     outs = [b.expand_topk_global(ids, wt, counts)[0] for b, (ids, wt) in zip(balancers, batches, strict=False)]
     return counts, rank_compute(outs, p // w, w)
@@ -129,7 +138,7 @@ def test_dynamic_mode_joins_the_all_reduce_on_every_call(make_topk):
         calls.append(t.clone())
         return t * 2
 
-    b = WaterfillBalancer(32, 4, 1, mode="dynamic", all_reduce=all_reduce, backend="torch")
+    b = WaterfillBalancer(32, 4, 1, replace(TORCH, mode="dynamic"), all_reduce=all_reduce)
     ids, weights = make_topk(10, 2, 32)
     out, _ = b.expand_topk(ids[:0], weights[:0])
     assert out.shape == (0, 3)
@@ -138,12 +147,12 @@ def test_dynamic_mode_joins_the_all_reduce_on_every_call(make_topk):
     assert len(calls) == 2 and calls[0].tolist() == [0] * 5 and int(calls[1][-1]) == 10
 
 
-def static_shares(rank: int, rank_load: list[float], tokens: int = 4000, **kw) -> torch.Tensor:
+def static_shares(rank: int, rank_load: list[float], tokens: int = 4000, **knobs) -> torch.Tensor:
     """Share of an even batch's shared experts that each rank runs, from ``rank``'s balancer."""
     p, w = 32, 4
     ids, weights = random_topk(tokens, 2, p, seed=5)
-    b = WaterfillBalancer(p, w, rank, rank_load=torch.tensor(rank_load), estimate="recorded", candidates="all",
-                          local_preference=1.0, backend="torch", **kw)
+    config = replace(TORCH, estimate="recorded", candidates="all", local_preference=1.0, **knobs)
+    b = WaterfillBalancer(p, w, rank, config, rank_load=torch.tensor(rank_load))
     dest = shared_ranks(b.expand_topk(ids, weights)[0], p // w)
     return torch.bincount(dest, minlength=w).double() / len(dest)
 
@@ -164,45 +173,50 @@ def test_static_mode_moves_only_the_excess_of_the_recorded_loads():
     assert static_shares(1, mild)[1] == 1.0
 
 
-def test_estimate_and_move_defaults():
-    load = torch.ones(4)
-    assert WaterfillBalancer(32, 4, 0).estimate is None
-    default = WaterfillBalancer(32, 4, 0, rank_load=load)
-    assert (default.estimate, default.move) == ("batch", "all")
-    assert WaterfillBalancer(32, 4, 0, rank_load=load, prior_tokens=10).estimate == "recorded"
-    assert WaterfillBalancer(32, 4, 0, rank_load=load, estimate="recorded").move == "excess"
-    assert WaterfillBalancer(32, 4, 0, rank_load=load, prior_tokens=10).move == "all"
-    assert WaterfillBalancer(32, 4, 0, rank_load=load, min_tile_tokens=8).move == "all"
-    assert WaterfillBalancer(32, 4, 0).move == "all"
-    assert WaterfillBalancer(32, 4, 0, mode="dynamic").move == "all"
+@pytest.mark.parametrize(
+    ("knobs", "recorded", "source", "host", "estimate", "move"),
+    [
+        ({}, False, Source.BATCH, HostInput.NONE, None, "all"),
+        ({"mode": "dynamic"}, False, Source.GLOBAL, HostInput.NONE, None, "all"),
+        ({}, True, Source.BATCH_OFFSET, HostInput.EXCESS, "batch", "all"),
+        ({"prior_tokens": 10}, True, Source.BATCH, HostInput.LOADS, "recorded", "all"),
+        ({"estimate": "recorded"}, True, Source.PRIOR, HostInput.TABLES, "recorded", "excess"),
+        ({"estimate": "recorded", "move": "all"}, True, Source.PRIOR, HostInput.TABLES, "recorded", "all"),
+        ({"estimate": "recorded", "min_tile_tokens": 8}, True, Source.PRIOR, HostInput.LOADS, "recorded", "all"),
+    ],
+)
+def test_the_config_resolves_once_into_a_strategy(knobs, recorded, source, host, estimate, move):
+    b = WaterfillBalancer(32, 4, 0, WaterfillConfig(**knobs), rank_load=torch.ones(4) if recorded else None)
+    assert (b.strategy.source, b.strategy.host, b.estimate, b.move) == (source, host, estimate, move)
+    assert b.strategy.fixed_tables == (host is HostInput.TABLES)
 
 
 def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
     p, w = 32, 4
     ids, weights = make_topk(2000, 2, p, seed=5, skew=2.0)  # the batch says rank 0 is hot
     recorded = torch.tensor([100.0, 100.0, 100.0, 900.0])  # the records say rank 3 is
-    kw = dict(candidates="all", backend="torch")
 
-    def shares(**extra):
-        dest = shared_ranks(WaterfillBalancer(p, w, 0, **kw, **extra).expand_topk(ids, weights)[0], p // w)
+    def shares(rank_load=None, **knobs):
+        b = WaterfillBalancer(p, w, 0, replace(TORCH, candidates="all", **knobs), rank_load=rank_load)
+        dest = shared_ranks(b.expand_topk(ids, weights)[0], p // w)
         return torch.bincount(dest, minlength=w).double() / len(dest)
 
     batch_only = shares()
-    records_only = shares(rank_load=recorded, estimate="recorded", move="all")  # as prior_tokens: by deficit
-    assert torch.equal(shares(rank_load=recorded, prior_tokens=0), batch_only)
+    records_only = shares(recorded, estimate="recorded", move="all")  # as prior_tokens: by deficit
+    assert torch.equal(shares(recorded, prior_tokens=0), batch_only)
     assert batch_only[0] < 0.05 and records_only[3] < 0.05
-    blended = shares(rank_load=recorded, prior_tokens=2000)  # as many tokens as the batch
+    blended = shares(recorded, prior_tokens=2000)  # as many tokens as the batch
     assert (blended - batch_only).abs().sum() > 0.1 and (blended - records_only).abs().sum() > 0.1
-    assert torch.allclose(shares(rank_load=recorded, prior_tokens=10**7), records_only, atol=0.01)
+    assert torch.allclose(shares(recorded, prior_tokens=10**7), records_only, atol=0.01)
 
 
 def test_estimate_batch_is_the_batch_rule_where_the_records_are_level(make_topk):
     p, w = 64, 8
     ids, weights = make_topk(600, 4, p, seed=6, skew=2.0)
     for rank in (0, 5):
-        sglang = WaterfillBalancer(p, w, rank, backend="torch").expand_topk(ids, weights)
+        sglang = WaterfillBalancer(p, w, rank, TORCH).expand_topk(ids, weights)
         # Every rank below the recorded water level: no excess, so the batch's counts alone decide.
-        level = WaterfillBalancer(p, w, rank, rank_load=torch.ones(w), estimate="batch", backend="torch")
+        level = WaterfillBalancer(p, w, rank, replace(TORCH, estimate="batch"), rank_load=torch.ones(w))
         assert all(torch.equal(a, b) for a, b in zip(level.expand_topk(ids, weights), sglang, strict=False))
 
 
@@ -211,15 +225,15 @@ def test_estimate_batch_sends_nothing_to_a_rank_hot_in_the_records_but_light_in_
     ids, weights = make_topk(m, 2, p, seed=5, skew=2.0)
     ids = torch.where(ids >= 0, p - 1 - ids, ids)  # the batch says rank 0 is the lightest, rank 3 the hottest
     recorded = torch.tensor([900.0, 100.0, 100.0, 100.0])  # the records say rank 0 is hot overall
-    kw = dict(candidates="all", backend="torch")
 
-    def shares(rank: int, **extra) -> torch.Tensor:
-        dest = shared_ranks(WaterfillBalancer(p, w, rank, **kw, **extra).expand_topk(ids, weights)[0], p // w)
+    def shares(rank: int, rank_load=None) -> torch.Tensor:
+        b = WaterfillBalancer(p, w, rank, replace(TORCH, candidates="all"), rank_load=rank_load)
+        dest = shared_ranks(b.expand_topk(ids, weights)[0], p // w)
         return torch.bincount(dest, minlength=w).double() / m
 
     for rank in range(w):
         assert shares(rank)[0] > 0.3  # SGLang's rule fills the rank that is light in this batch
-        combined = shares(rank, rank_load=recorded, estimate="batch")
+        combined = shares(rank, rank_load=recorded)  # estimate="batch", the default
         assert combined[0] == 0.0
         # Among the ranks below the recorded level, it still follows the batch: rank 3 is hottest.
         assert combined[3] < combined[1]
@@ -230,8 +244,8 @@ def test_estimate_batch_is_deterministic_and_seeded_per_layer(make_topk):
     ids, weights = make_topk(500, 4, p, seed=1, skew=2.0)
     load = torch.linspace(2.0, 1.0, w)
 
-    def dest(**kw):
-        b = WaterfillBalancer(p, w, 3, rank_load=load, estimate="batch", backend="torch", **kw)
+    def dest(layer_id: int = 0) -> torch.Tensor:
+        b = WaterfillBalancer(p, w, 3, replace(TORCH, estimate="batch"), layer_id=layer_id, rank_load=load)
         return b.expand_topk(ids, weights)[0][:, -1]
 
     assert torch.equal(dest(), dest())
@@ -240,7 +254,7 @@ def test_estimate_batch_is_deterministic_and_seeded_per_layer(make_topk):
 
 def test_estimate_batch_keeps_small_batches_local(make_topk):
     p, w = 32, 4
-    b = WaterfillBalancer(p, w, 0, rank_load=torch.tensor([1.0, 9.0, 9.0, 9.0]), estimate="batch", backend="torch")
+    b = WaterfillBalancer(p, w, 0, replace(TORCH, estimate="batch"), rank_load=torch.tensor([1.0, 9.0, 9.0, 9.0]))
     ids, weights = make_topk(63, 2, p, seed=0, skew=6.0)
     assert (b.expand_topk(ids, weights)[0][:, -1] == shared_slot(0, 8)).all()
 
@@ -249,8 +263,9 @@ def test_from_placement_reads_gpu_loads(make_topk):
     phy2log = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])
     placement = Placement(phy2log, num_experts=8, num_gpus=4)
     load = torch.tensor([[100.0, 100.0, 50.0, 50.0, 0.0, 0.0, 0.0, 0.0]])
-    b = WaterfillBalancer.from_placement(placement, load, layer=0, rank=0, candidates="all", backend="torch")
-    assert (b.num_routed_slots, b.ep_size, b.num_expanded_slots) == (8, 4, 12)
+    config = replace(TORCH, candidates="all")
+    b = WaterfillBalancer.from_placement(placement, load, layer=0, rank=0, config=config)
+    assert (b.num_routed_slots, b.ep_size, b.num_expanded_slots, b.layer_id) == (8, 4, 12, 0)
     ids, weights = make_topk(1000, 2, 8, seed=2)
     dest = shared_ranks(b.expand_topk(ids, weights)[0], 2)
     assert set(dest.tolist()) == {2, 3}  # the hot GPU sends all: only the idle GPUs are below the level
@@ -259,10 +274,8 @@ def test_from_placement_reads_gpu_loads(make_topk):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("knobs", "match"),
     [
-        (dict(num_routed_slots=30, ep_size=4), "multiple of 4"),
-        (dict(rank=4), "rank must be an integer in"),
         (dict(routed_scaling_factor=-1.0), "routed_scaling_factor"),
         (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
         (dict(mode="async"), "mode must be one of"),
@@ -270,34 +283,49 @@ def test_from_placement_reads_gpu_loads(make_topk):
         (dict(min_batch=-1), "min_batch"),
         (dict(min_tile_tokens=1.5), "min_tile_tokens"),
         (dict(local_preference=0.9), "local_preference"),
-        (dict(layer_id=-1), "layer_id"),
+        (dict(seed=-1), "seed"),
         (dict(backend="cuda"), "backend must be one of"),
-        (dict(rank_load=torch.ones(3)), r"shape \(4,\)"),
-        (dict(rank_load=torch.tensor([1.0, -1.0, 0.0, 0.0])), "negative"),
-        (dict(rank_load=torch.zeros(4)), "sums to 0"),
-        (dict(mode="dynamic", rank_load=torch.ones(4)), "static mode"),
-        (dict(all_reduce=lambda t: t), "no collective"),
-        (dict(prior_tokens=100), "pass rank_load too"),
-        (dict(rank_load=torch.ones(4), prior_tokens=-1), "prior_tokens must be"),
+        (dict(check_inputs="yes"), "check_inputs"),
+        (dict(prior_tokens=-1), "prior_tokens must be"),
         (dict(move="some"), "move must be one of"),
-        (dict(move="excess"), "use move='all'"),
         (dict(mode="dynamic", move="excess"), "needs fixed recorded loads"),
-        (dict(rank_load=torch.ones(4), min_tile_tokens=8, move="excess"), "without prior_tokens"),
-        (dict(rank_load=torch.ones(4), estimate="batch", move="excess"), "estimate='recorded'"),
-        (dict(rank_load=torch.ones(4), estimate="some"), "estimate must be one of"),
-        (dict(estimate="batch"), "pass rank_load too"),
-        (dict(rank_load=torch.ones(4), estimate="batch", prior_tokens=10), "drop prior_tokens"),
+        (dict(min_tile_tokens=8, move="excess"), "without prior_tokens"),
+        (dict(estimate="batch", move="excess"), "estimate='recorded'"),
+        (dict(estimate="some"), "estimate must be one of"),
+        (dict(estimate="batch", prior_tokens=10), "drop prior_tokens"),
     ],
 )
-def test_settings_are_validated(kwargs, match):
-    settings = dict(num_routed_slots=32, ep_size=4, rank=0)
-    settings.update(kwargs)
+def test_config_knobs_are_validated(knobs, match):
+    with pytest.raises(EplbError, match=match):
+        WaterfillConfig(**knobs)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "args", "match"),
+    [
+        ({}, dict(num_routed_slots=30, ep_size=4), "multiple of 4"),
+        ({}, dict(rank=4), "rank must be an integer in"),
+        ({}, dict(layer_id=-1), "layer_id"),
+        ({}, dict(config={"mode": "static"}), "must be a WaterfillConfig"),
+        ({}, dict(rank_load=torch.ones(3)), r"shape \(4,\)"),
+        ({}, dict(rank_load=torch.tensor([1.0, -1.0, 0.0, 0.0])), "negative"),
+        ({}, dict(rank_load=torch.zeros(4)), "sums to 0"),
+        (dict(mode="dynamic"), dict(rank_load=torch.ones(4)), "static mode"),
+        ({}, dict(all_reduce=lambda t: t), "no collective"),
+        (dict(prior_tokens=100), {}, "pass rank_load too"),
+        (dict(estimate="batch"), {}, "pass rank_load too"),
+        (dict(move="excess"), {}, "use move='all'"),
+    ],
+)
+def test_balancer_arguments_are_validated(knobs, args, match):
+    settings = dict(num_routed_slots=32, ep_size=4, rank=0, config=WaterfillConfig(**knobs))
+    settings.update(args)
     with pytest.raises(EplbError, match=match):
         WaterfillBalancer(**settings)
 
 
 def test_inputs_are_validated(make_topk):
-    b = WaterfillBalancer(32, 4, 0, backend="torch")
+    b = WaterfillBalancer(32, 4, 0, TORCH)
     ids, weights = make_topk(8, 2, 32)
     with pytest.raises(EplbError, match="slot 32"):
         b.expand_topk(torch.full_like(ids, 32), weights)
@@ -309,8 +337,10 @@ def test_inputs_are_validated(make_topk):
         b.expand_topk(ids.float(), weights)
     with pytest.raises(EplbError, match="floating-point"):
         b.expand_topk(ids, ids)
-    dynamic = WaterfillBalancer(32, 4, 0, mode="dynamic", backend="torch")
+    dynamic = WaterfillBalancer(32, 4, 0, replace(TORCH, mode="dynamic"))
     with pytest.raises(EplbError, match="init_process_group"):
         dynamic.expand_topk(ids, weights)
     with pytest.raises(EplbError, match="all-reduce of local_counts"):
         dynamic.expand_topk_global(ids, weights, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(EplbError, match="dynamic mode's step"):
+        b.expand_topk_global(ids, weights, torch.zeros(5, dtype=torch.int64))

@@ -11,11 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eplb import WaterfillBalancer
+from eplb import WaterfillBalancer, WaterfillConfig
 
 WORLD = 2
 # Tokens per rank and step: rank 1 has an empty batch, then a small one; it must still join.
 BATCHES = ((200, 0), (200, 10), (100, 300))
+DYNAMIC = WaterfillConfig(mode="dynamic", routed_scaling_factor=2.0, backend="torch")
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         gen = torch.Generator().manual_seed(rank)
-        b = WaterfillBalancer(16, WORLD, rank, 2.0, mode="dynamic", backend="torch")
+        b = WaterfillBalancer(16, WORLD, rank, DYNAMIC)
         steps = []
         for sizes in BATCHES:
             ids = torch.randint(0, 16, (sizes[rank], 2), generator=gen)
@@ -49,6 +50,6 @@ def test_dynamic_mode_all_reduces_over_the_group(tmp_path):
         total = sum(results[r][step][1] for r in range(WORLD))
         for rank in range(WORLD):
             ids, _, out_ids, out_w = results[rank][step]
-            ref = WaterfillBalancer(16, WORLD, rank, 2.0, mode="dynamic", all_reduce=lambda t: t, backend="torch")
+            ref = WaterfillBalancer(16, WORLD, rank, DYNAMIC, all_reduce=lambda t: t)
             assert torch.equal(out_ids, ref.expand_topk_global(ids, torch.rand(ids.shape), total)[0])
             assert (out_w[:, -1] == 0.5).all()

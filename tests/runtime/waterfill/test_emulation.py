@@ -9,10 +9,12 @@ applies the top-k weights (DeepEP normal mode) or the combine does (DeepEP low-l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from eplb import WaterfillBalancer
+from eplb import WaterfillBalancer, WaterfillConfig
 
 HIDDEN = 8
 
@@ -70,23 +72,23 @@ def test_waterfill_leaves_the_moe_output_unchanged(mode, seed, weights_in_expert
     factor = (None, 0.0, 2.5, 0.7)[seed]
     routed, shared = make_experts(ep_size * epr, gen), make_experts(1, gen)
     xs, tops = [], []
-    for r in range(ep_size):
+    for _ in range(ep_size):
         m = int(torch.randint(0, 90, (1,), generator=gen))
         ids = torch.rand(m, ep_size * epr, generator=gen).argsort(1)[:, :k]
         ids[torch.rand(m, k, generator=gen) < 0.1] = -1  # padded entries, some whole tokens
         xs.append(torch.randn(m, HIDDEN, generator=gen, dtype=torch.float64))
         tops.append((ids, torch.rand(m, k, generator=gen, dtype=torch.float64)))
-    kw = dict(min_batch=8, backend="torch")
+    config = WaterfillConfig(mode=mode, routed_scaling_factor=factor, min_batch=8, backend="torch")
     if mode == "dynamic":
-        balancers = [WaterfillBalancer(ep_size * epr, ep_size, r, factor, mode, all_reduce=lambda t: t, **kw)
+        balancers = [WaterfillBalancer(ep_size * epr, ep_size, r, config, all_reduce=lambda t: t)
                      for r in range(ep_size)]
-        counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, tops, strict=False))
-        expanded = [b.expand_topk_global(ids, w, counts) for b, (ids, w) in zip(balancers, tops, strict=False)]
+        counts = sum(b.local_counts(ids) for b, (ids, _) in zip(balancers, tops, strict=True))
+        expanded = [b.expand_topk_global(ids, w, counts) for b, (ids, w) in zip(balancers, tops, strict=True)]
     else:
         rank_load = torch.rand(ep_size, generator=gen) + 0.01
+        config = replace(config, candidates="all")
         expanded = [
-            WaterfillBalancer(ep_size * epr, ep_size, r, factor, mode, rank_load=rank_load, candidates="all", **kw)
-            .expand_topk(ids, w)
+            WaterfillBalancer(ep_size * epr, ep_size, r, config, rank_load=rank_load).expand_topk(ids, w)
             for r, (ids, w) in enumerate(tops)
         ]
     outs = ep_moe(xs, expanded, routed, shared, factor, epr, weights_in_expert)

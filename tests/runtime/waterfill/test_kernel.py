@@ -1,21 +1,15 @@
-"""The Triton kernel against the torch reference, bit for bit.
-
-On CUDA the comparison runs in this process; on the CPU it runs in a child process under the
-Triton interpreter (``TRITON_INTERPRET=1`` must be set before triton is first imported, which a
-test process may already have done). Run this file as a script to compare by hand.
-"""
+"""The Triton kernel against the torch reference, bit for bit (``kernel_harness``: on CUDA, and
+on the CPU under Triton's interpreter)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from eplb import WaterfillBalancer  # noqa: E402
+from eplb import WaterfillBalancer, WaterfillConfig
+from tests.runtime.kernel_harness import KERNEL_DEVICES, run_check
 from tests.runtime.waterfill.waterfill_inputs import random_topk
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -70,45 +64,42 @@ def random_cases(count: int, seed: int = 0) -> list[tuple[int, int, int, int, di
 CASES += random_cases(8)
 
 
-def compare_backends(device: str) -> int:
-    """Run every case on both backends and assert equal outputs; returns the number of cases."""
+def balancer(p: int, w: int, case: int, settings: dict, backend: str) -> WaterfillBalancer:
+    """The balancer of case number ``case``: ``settings`` are config knobs, plus ``rank`` (default
+    1 % w), ``layer_id`` and ``rank_load`` ("skewed" or "random")."""
+    knobs = dict(settings)
+    rank, layer_id, rank_load = knobs.pop("rank", 1 % w), knobs.pop("layer_id", 0), knobs.pop("rank_load", None)
+    if rank_load == "skewed":
+        rank_load = torch.linspace(1.0, 0.1, w) ** 2
+    elif rank_load == "random":
+        rank_load = torch.rand(w, generator=torch.Generator().manual_seed(case)) + 0.05
+    config = WaterfillConfig(routed_scaling_factor=2.5, backend=backend, **knobs)
+    return WaterfillBalancer(p, w, rank, config, layer_id=layer_id, rank_load=rank_load)
+
+
+def check_cases(device: str) -> None:
+    """Run every case on both backends on ``device`` and assert equal outputs."""
     for i, (p, w, k, m, settings) in enumerate(CASES):
-        settings = dict(settings)
-        rank = settings.pop("rank", 1 % w)
-        if settings.get("rank_load") == "skewed":
-            settings["rank_load"] = torch.linspace(1.0, 0.1, w) ** 2
-        elif settings.get("rank_load") == "random":
-            settings["rank_load"] = torch.rand(w, generator=torch.Generator().manual_seed(i)) + 0.05
         ids, weights = random_topk(m, min(k, p), p, seed=i, skew=2.0, padded=min(m, 3),
                                    dtype=(torch.int32, torch.int64)[i % 2],
                                    weight_dtype=(torch.float32, torch.bfloat16, torch.float64)[i % 3])
         ids, weights = ids.to(device), weights.to(device)
         outs = []
         for backend in ("torch", "triton"):
-            b = WaterfillBalancer(p, w, rank, 2.5, backend=backend, **settings)
+            b = balancer(p, w, i, settings, backend)
             if b.mode == "dynamic":
                 counts = b.local_counts(ids)
                 outs.append((counts, *b.expand_topk_global(ids, weights, counts * w)))
             else:
                 outs.append(b.expand_topk(ids, weights))
-        for a, b in zip(*outs, strict=False):
+        for a, b in zip(*outs, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), f"case {i} {CASES[i]}: backends differ"
-    return len(CASES)
 
 
-@needs_triton
-def test_kernel_matches_reference_on_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(CASES)} cases equal" in result.stdout
-
-
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
-def test_kernel_matches_reference_on_cuda():
-    assert compare_backends("cuda") == len(CASES)
+@pytest.mark.slow  # about 30 s in the CPU interpreter
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_matches_reference(device):
+    run_check(check_cases, device)
 
 
 @pytest.mark.gpu
@@ -117,11 +108,11 @@ def test_kernel_matches_reference_on_cuda():
 @pytest.mark.parametrize(("mode", "estimate"), [("static", "batch"), ("static", "recorded"), ("dynamic", None)])
 def test_cuda_graph_replay_follows_new_inputs(mode, estimate):
     p, w, k, m = 288, 16, 8, 4096
+    config = WaterfillConfig(mode=mode, estimate=estimate, routed_scaling_factor=2.5, check_inputs=False)
     if mode == "dynamic":
-        kw = {"all_reduce": lambda t: t.mul_(w)}
+        b = WaterfillBalancer(p, w, 3, config, all_reduce=lambda t: t.mul_(w))
     else:
-        kw = {"rank_load": torch.rand(w) + 0.1, "estimate": estimate}
-    b = WaterfillBalancer(p, w, 3, 2.5, mode=mode, check_inputs=False, **kw)
+        b = WaterfillBalancer(p, w, 3, config, rank_load=torch.rand(w) + 0.1)
     ids, weights = (t.cuda() for t in random_topk(m, k, p, seed=0, skew=2.0, dtype=torch.int32))
     b.expand_topk(ids, weights)  # warm-up: compile and build the buffers
     torch.cuda.synchronize()
@@ -152,13 +143,10 @@ def test_counting_launch_with_several_tiles_per_program(monkeypatch, resident):
         monkeypatch.setattr(kernel, "_resident_programs", lambda device: resident)
     p, w, k = 288, 16, 8
     rank_load = torch.rand(w, generator=torch.Generator().manual_seed(0)) + 0.1
-    b, ref = (WaterfillBalancer(p, w, 5, 2.5, rank_load=rank_load, backend=backend) for backend in ("triton", "torch"))
+    b, ref = (WaterfillBalancer(p, w, 5, WaterfillConfig(routed_scaling_factor=2.5, backend=backend),
+                                rank_load=rank_load) for backend in ("triton", "torch"))
     for m in (1000, 70, 20000, 4096):
         ids, weights = (t.cuda() for t in random_topk(m, k, p, seed=m, skew=2.0, dtype=torch.int32))
-        for out, expected in zip(b.expand_topk(ids, weights), ref.expand_topk(ids, weights), strict=False):
+        for out, expected in zip(b.expand_topk(ids, weights), ref.expand_topk(ids, weights), strict=True):
             assert torch.equal(out, expected), f"{m} tokens, {resident} resident programs"
 
-
-if __name__ == "__main__":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{compare_backends(device)} cases equal on {device}")

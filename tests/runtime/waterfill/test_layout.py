@@ -19,7 +19,7 @@ def test_slots_per_rank_needs_an_even_split():
     with pytest.raises(EplbError, match="multiple of 7"):
         slots_per_rank(288, 7)
     for bad in (0, -4, 2.0, True):
-        with pytest.raises(EplbError, match="positive integer"):
+        with pytest.raises(EplbError, match="num_routed_slots must be"):
             slots_per_rank(bad, 4)
 
 

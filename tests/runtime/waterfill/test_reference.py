@@ -10,28 +10,18 @@ from eplb.runtime.waterfill.reference import (
     Rule,
     Source,
     choose_shared_rank,
-    excess_weights,
     local_counts,
     rank_tables,
     rank_weights,
-    recorded_excess,
     waterfill_torch,
 )
+from tests.runtime.waterfill.waterfill_inputs import bisected_level
 
 
 def make_rule(ep_size: int, epr: int, rank: int = 0, **kw) -> Rule:
     settings = dict(shared_weight=1.0, key=12345, all_ranks=False, local_weight=11, remote_weight=10, min_tile_tokens=0)
     settings.update(kw)
     return Rule(ep_size=ep_size, slots_per_rank=epr, rank=rank, **settings)
-
-
-def water_level(load: torch.Tensor, shared: float) -> float:
-    """The level T with sum(max(T - load, 0)) == shared, by bisection."""
-    lo, hi = float(load.min()), float(load.max()) + shared
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (mid - load).clamp(min=0).sum() < shared else (lo, mid)
-    return (lo + hi) / 2
 
 
 def test_local_counts_count_entries_per_rank_and_tokens_once(make_topk):
@@ -49,7 +39,7 @@ def test_weights_are_the_deficits_below_the_water_level(seed):
     load = torch.randint(0, 10_000, (w,), generator=gen) * torch.randint(0, 2, (w,), generator=gen)
     shared = int(torch.randint(1, 30_000, (1,), generator=gen))
     weights = rank_weights(torch.cat([load, torch.tensor([shared])]), torch.tensor(shared), 0)
-    deficit = (water_level(load.double(), shared) - load.double()).clamp(min=0)
+    deficit = (bisected_level(load.double(), shared) - load.double()).clamp(min=0)
     share = weights.double() / weights.sum()
     assert torch.allclose(share, deficit / deficit.sum(), atol=2e-3)
     assert int(weights.max()) < 4096
@@ -119,53 +109,6 @@ def test_fallback_prefers_home_unless_a_candidate_is_clearly_lower():
     assert ties.tolist() == [2]  # equal loads: the lower rank
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_excess_weights_keep_the_fair_share_and_send_the_rest_where_there_is_room(seed):
-    gen = torch.Generator().manual_seed(seed)
-    w = int(torch.randint(2, 20, (1,), generator=gen))
-    load = torch.randint(0, 10_000, (w,), generator=gen)
-    shared = int(load.sum()) // 4
-    loads = torch.cat([load, torch.tensor([shared])])
-    deficit = (water_level(load.double(), shared) - load.double()).clamp(min=0)
-    share = shared / w
-    room = (deficit - share).clamp(min=0)
-    # Expected shared load per rank if every rank sends by its own weights: its deficit.
-    received = torch.zeros(w, dtype=torch.float64)
-    for rank in range(w):
-        weights = excess_weights(loads, rank).double()
-        p = weights / weights.sum()
-        if deficit[rank] >= share - 1e-6:
-            assert p[rank] == 1.0  # at or below its share of the level: keeps everything
-        else:
-            assert (p[room == 0].sum() - p[rank]).abs() < 1e-9  # sends only to ranks with room
-        received += share * p
-    assert torch.allclose(received, deficit, rtol=0, atol=shared * 2e-3)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_recorded_excess_is_the_others_load_above_the_level_per_token(seed):
-    gen = torch.Generator().manual_seed(seed)
-    w = int(torch.randint(2, 40, (1,), generator=gen))
-    load = torch.randint(0, 10_000, (w,), generator=gen)
-    shared = int(load.sum()) // 8
-    excess = recorded_excess(torch.cat([load, torch.tensor([shared])]), w)
-    assert excess.shape == (w + 1,) and excess[-1] == 0
-    above = (load.double() - water_level(load.double(), shared)).clamp(min=0)
-    expected = above * (w - 1) / shared * (1 << EXCESS_BITS)
-    assert torch.allclose(excess[:-1].double(), expected, rtol=1e-6, atol=1.0)
-    assert ((excess[:-1] > 0) == (above > 1e-6)).all()
-
-
-def test_recorded_excess_by_hand_and_edge_cases():
-    # Level 650 (ranks 2 and 3 wet); ranks 0 and 1 are 250 and 150 above it, over 1000 shared
-    # tokens: 3 other ranks add 0.75 and 0.45 entries per token.
-    excess = recorded_excess(torch.tensor([900, 800, 100, 200, 1000]), 4)
-    assert excess.tolist() == [round(0.75 * (1 << EXCESS_BITS)), round(0.45 * (1 << EXCESS_BITS)), 0, 0, 0]
-    assert recorded_excess(torch.tensor([900, 100, 0]), 2).tolist() == [0, 0, 0]  # no shared load
-    assert recorded_excess(torch.tensor([900, 50]), 1).tolist() == [0, 0]  # no other rank
-    assert recorded_excess(torch.tensor([10, 10, 10, 5]), 3).tolist() == [0, 0, 0, 0]  # balanced
-
-
 def test_batch_offset_adds_the_excess_scaled_by_the_batch_tokens(make_topk):
     w, epr = 4, 8
     rule = make_rule(w, epr, rank=1, all_ranks=True, local_weight=1, remote_weight=1)
@@ -174,7 +117,7 @@ def test_batch_offset_adds_the_excess_scaled_by_the_batch_tokens(make_topk):
     counts = local_counts(ids, epr, w)
     shifted = counts + torch.tensor([0, 3 * int(counts[-1]), 0, 0, 0])
     out = waterfill_torch(ids, weights, excess, Source.BATCH_OFFSET, rule)
-    assert all(torch.equal(a, b) for a, b in zip(out, waterfill_torch(ids, weights, shifted, Source.PRIOR, rule), strict=False))
+    assert all(map(torch.equal, out, waterfill_torch(ids, weights, shifted, Source.PRIOR, rule)))
     zero = waterfill_torch(ids, weights, torch.zeros(w + 1, dtype=torch.int64), Source.BATCH_OFFSET, rule)
-    assert all(torch.equal(a, b) for a, b in zip(zero, waterfill_torch(ids, weights, None, Source.BATCH, rule), strict=False))
+    assert all(map(torch.equal, zero, waterfill_torch(ids, weights, None, Source.BATCH, rule)))
     assert not torch.equal(out[0], zero[0])

@@ -1,5 +1,5 @@
-"""Random top-k outputs for the waterfill tests (a module of its own so that the kernel test,
-also run as a script in a child process, can import it)."""
+"""Inputs and oracles of the waterfill tests (a module of its own so that the kernel check, also
+run in a child process, can import it): random top-k outputs and the water level by bisection."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ def random_topk(
     if num_tokens > padded:
         ids[0, : k // 2] = -1
     return ids.to(dtype), weights
+
+
+def bisected_level(load: torch.Tensor, shared: float) -> float:
+    """The water level ``T`` with ``sum(max(T - load, 0)) == shared``, by bisection (float64)."""
+    lo, hi = float(load.min()), float(load.max()) + shared
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (mid - load).clamp(min=0).sum() < shared else (lo, mid)
+    return (lo + hi) / 2

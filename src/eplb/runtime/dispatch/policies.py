@@ -15,11 +15,10 @@ import torch
 
 from eplb.errors import EplbError
 from eplb.placement import Placement
+from eplb.runtime.backend import use_triton
 from eplb.runtime.dispatch.alias import alias_table
 from eplb.runtime.dispatch.reference import Mode, remap_torch
 from eplb.runtime.hashing import layer_key
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 class _Dispatch:
@@ -49,8 +48,9 @@ class _Dispatch:
             topk_ids: ``[M, K]`` int32 or int64 logical expert ids in ``[0, E)`` on this
                 dispatcher's device; negative ids (padding) map to ``-1``. Ids ``>= E`` are not
                 checked (that would need a host sync).
-            backend: ``"triton"`` (on CPU tensors: the Triton interpreter), ``"torch"``, or
-                ``"auto"``: Triton for CUDA tensors when it is installed, torch otherwise.
+            backend: ``"auto"``, ``"torch"`` or ``"triton"``: the rule of ``eplb.runtime.backend``
+                (Triton for CUDA tensors when it imports; the interpreter on CPU under
+                ``TRITON_INTERPRET=1``).
 
         Returns:
             ``[M, K]`` physical slot ids, same dtype and device as ``topk_ids``.
@@ -69,27 +69,11 @@ class _Dispatch:
             )
         tables = (self._slots, self._counts, self._threshold, self._alias)
         args = (self._mode, topk_ids, *(table[layer] for table in tables), self._keys[layer])
-        if _use_triton(backend, topk_ids):
+        if use_triton(backend, topk_ids.device):
             from eplb.runtime.dispatch.kernel import remap_triton
 
             return remap_triton(*args)
         return remap_torch(*args)
-
-
-def _use_triton(backend: str, topk_ids: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise EplbError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if not topk_ids.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class StaticDispatch(_Dispatch):
@@ -217,7 +201,10 @@ def static_tables(placement: Placement) -> torch.Tensor:
     for candidates, groups in ((same_gpu, None), (same_node, placement.num_nodes), (anywhere, 1)):
         count = candidates.sum(-1)
         open_ = (choice < 0) & (count > 0)
-        pick = torch.zeros_like(choice) if groups is None else (_open_index(open_, groups) + rotation) % count.clamp(min=1)
+        if groups is None:
+            pick = torch.zeros_like(choice)
+        else:
+            pick = (_open_index(open_, groups) + rotation) % count.clamp(min=1)
         choice = torch.where(open_, _nth_true(candidates, pick), choice)
     return log2phy.expand(placement.num_gpus, -1, -1, -1).gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 

@@ -14,18 +14,19 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable, Sequence
-from types import ModuleType
-from typing import Any, Union
+from typing import Any
 
 import torch
 
+from eplb.cluster import require_count
 from eplb.errors import EplbError
 from eplb.io import dumps
 from eplb.placement import Placement
+from eplb.runtime.backend import use_triton
 from eplb.runtime.recorder import collective
 from eplb.runtime.recorder.convert import ring_order, to_logical, windowed_balancedness
 
-Phy2Log = Union[torch.Tensor, Placement]
+Phy2Log = torch.Tensor | Placement
 
 
 class ExpertLoadRecorder:
@@ -53,8 +54,8 @@ class ExpertLoadRecorder:
         num_experts: ``E``, needed with ``coactivation``.
         coactivation: keep per-layer co-activation counts ``[L, E, E]`` (opt-in: ``E^2`` counters
             per layer and ``K^2`` updates per token).
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``, or
-            ``"auto"``: Triton on CUDA when it imports, else torch.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the rule of ``eplb.runtime.backend``
+            (Triton on CUDA when it imports; the interpreter on CPU under ``TRITON_INTERPRET=1``).
         enabled: whether recording starts switched on.
 
     Attributes (fixed addresses; read them directly, mind they change under replay):
@@ -80,9 +81,9 @@ class ExpertLoadRecorder:
         backend: str = "auto",
         enabled: bool = True,
     ) -> None:
-        for name, value in (("num_layers", num_layers), ("num_slots", num_slots), ("window", window)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EplbError(f"{name} must be a positive integer, got {value!r}")
+        require_count("num_layers", num_layers, fix="pass the model's MoE layer count")
+        require_count("num_slots", num_slots, fix="pass the physical expert slots over the EP group")
+        require_count("window", window, fix="pass how many steps to keep")
         if decay is not None and not 0.0 < decay <= 1.0:
             raise EplbError(f"decay must be in (0, 1] (TensorRT-LLM uses 0.95), got {decay}; or pass None")
         if coactivation and (not isinstance(num_experts, int) or num_experts < 1):
@@ -95,8 +96,8 @@ class ExpertLoadRecorder:
         self.num_layers, self.num_slots, self.window = num_layers, num_slots, window
         self.num_experts = num_experts
         self.decay = decay
-        self._ops = _backend(backend, self.device)
-        self.backend = self._ops.__name__.rsplit("_", 1)[-1]
+        self.backend = "triton" if use_triton(backend, self.device) else "torch"
+        self._ops = importlib.import_module(f"eplb.runtime.recorder._{self.backend}")
 
         def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=self.device)
@@ -174,7 +175,9 @@ class ExpertLoadRecorder:
                 or a ``Placement`` / CPU tensor, copied to the device first (not graph-safe).
         """
         if self.coactivation is None:
-            raise EplbError("this recorder keeps no co-activation counts; build it with coactivation=True, num_experts=E")
+            raise EplbError(
+                "this recorder keeps no co-activation counts; build it with coactivation=True, num_experts=E"
+            )
         self._check_layer(layer)
         ids = self._check_ids(topk_ids, "topk_ids")
         if ids.ndim != 2:
@@ -293,7 +296,9 @@ class ExpertLoadRecorder:
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
-            raise EplbError(f"layer {layer} is outside [0, {self.num_layers}); pass a layer index the recorder was built for")
+            raise EplbError(
+                f"layer {layer} is outside [0, {self.num_layers}); pass a layer index the recorder was built for"
+            )
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -316,24 +321,3 @@ class ExpertLoadRecorder:
             f"device={self.device}, backend={self.backend!r}, decay={self.decay})"
         )
 
-
-def _backend(name: str, device: torch.device) -> ModuleType:
-    """The module of recorder ops for ``name`` on ``device``."""
-    if name == "torch":
-        return importlib.import_module("eplb.runtime.recorder._torch")
-    if name not in ("auto", "triton"):
-        raise EplbError(f"unknown backend {name!r}; pass 'auto', 'triton' or 'torch'")
-    if device.type != "cuda":
-        # On the CPU the kernels run only in Triton's (slow) interpreter: a development aid, never auto.
-        if name == "auto":
-            return importlib.import_module("eplb.runtime.recorder._torch")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise EplbError(
-                f"the Triton kernels need a CUDA device (or TRITON_INTERPRET=1), not {device}; use backend='torch'"
-            )
-    try:
-        return importlib.import_module("eplb.runtime.recorder._triton")
-    except ImportError as exc:
-        if name == "triton":
-            raise EplbError(f"Triton is not importable ({exc}); install triton or use backend='torch'") from None
-        return importlib.import_module("eplb.runtime.recorder._torch")

@@ -32,15 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.runtime.hashing import MUL1, MUL2, UNIFORM_BITS
+from eplb.runtime.hashing import UNIFORM_BITS
+from eplb.runtime.hashing_triton import entry_hash, uniform
 from eplb.runtime.waterfill.reference import EXCESS_BITS, NO_FALLBACK, WEIGHT_BITS, Rule, Source
 
 # Kernels read module globals only as constexprs.
 _WEIGHT_BITS = tl.constexpr(WEIGHT_BITS)
 _EXCESS_BITS = tl.constexpr(EXCESS_BITS)
 _UNIFORM_BITS = tl.constexpr(UNIFORM_BITS)
-_MUL1 = tl.constexpr(MUL1)
-_MUL2 = tl.constexpr(MUL2)
 _NO_FALLBACK = tl.constexpr(NO_FALLBACK)
 # A grid count entry keeps, from this bit up, how many programs have added to it.
 _ARRIVED_SHIFT = tl.constexpr(40)
@@ -52,18 +51,6 @@ BLOCK_M = 64
 NUM_WARPS = 2
 # candidates="all" holds a [BLOCK_M, W] tile: at most this many cells per program.
 _ALL_RANKS_CELLS = 4096
-
-
-@triton.jit
-def _entry_uniform(entry, key):
-    """``UNIFORM_BITS`` top bits of ``eplb.runtime.hashing``'s ``h(entry)``, as int64."""
-    h = entry.to(tl.uint32) ^ key.to(tl.uint32)
-    h ^= h >> 16
-    h *= _MUL1
-    h ^= h >> 15
-    h *= _MUL2
-    h ^= h >> 16
-    return (h >> (32 - _UNIFORM_BITS)).to(tl.int64)
 
 
 @triton.jit
@@ -299,7 +286,7 @@ def _choose_shared(ids_ptr, tables_ptr, out_ids_ptr, out_weights_ptr, shared_wei
         ranks = tl.arange(0, W_PAD)
         weight = tl.load(tables_ptr + ranks, mask=ranks < W, other=0)
         total = tl.zeros([BLOCK], dtype=tl.int64) + tl.sum(weight, axis=0)
-        u = (_entry_uniform(rows * K, key) * total) >> _UNIFORM_BITS
+        u = (uniform(entry_hash(rows * K, key)) * total) >> _UNIFORM_BITS
         chosen = tl.sum((tl.cumsum(weight, axis=0)[None, :] <= u[:, None]).to(tl.int64), axis=1)
         keys = tl.load(tables_ptr + W + ranks, mask=ranks < W, other=_NO_FALLBACK)
         least = tl.min(keys, axis=0)
@@ -326,7 +313,7 @@ def _choose_shared(ids_ptr, tables_ptr, out_ids_ptr, out_weights_ptr, shared_wei
             # for the previous one's table read.
             w_k = tl.where(new, tl.load(tables_ptr + r), 0)
             total += w_k
-            replaces = _entry_uniform(rows * K + k, key) * total < (w_k << _UNIFORM_BITS)
+            replaces = uniform(entry_hash(rows * K + k, key)) * total < (w_k << _UNIFORM_BITS)
             chosen = tl.where(replaces, r.to(tl.int64), chosen)
             # The least-loaded candidate, ties by the lowest rank.
             key_k = tl.where(new, tl.load(tables_ptr + W + r), _NO_FALLBACK)
@@ -389,7 +376,7 @@ def waterfill_triton(
     tensor of the weights' dtype (so a float64 weight is not rounded through float32).
     ``tables``: ``[2, W]`` int64, the fixed ``reference.rank_tables`` when ``fixed_tables``, else a
     scratch buffer the kernel writes them to. ``sync``: ``[sync_size(W)]`` int64, zeros before its
-    first use, where the source counts the batch: the grid's counters (see ``_grid_count``), kept
+    first use, where the source counts the batch: the grid's counters (see ``_grid_add``), kept
     by the kernel between launches; one buffer per stream (two launches must not share it at once).
     """
     m, k = topk_ids.shape

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
+from eplb.cluster import require_count
 from eplb.errors import EplbError
 
 
 def slots_per_rank(num_routed_slots: int, ep_size: int) -> int:
     """``epr = P / n_ep``, the routed slots of each rank; raises EplbError unless it is whole."""
-    for name, value in (("num_routed_slots", num_routed_slots), ("ep_size", ep_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EplbError(f"{name} must be a positive integer, got {value!r}")
+    require_count("num_routed_slots", num_routed_slots, fix="pass the routed slots over all EP ranks")
+    require_count("ep_size", ep_size, fix="pass the EP group's size")
     if num_routed_slots % ep_size != 0:
         raise EplbError(
             f"{num_routed_slots} routed slots cannot be split evenly over {ep_size} EP ranks; "

@@ -1,12 +1,12 @@
-"""Waterfill in plain torch: the reference for the Triton kernel and the path on CPU.
+"""Waterfill in plain torch: the twin of the Triton kernel (its reference, and the path on CPU).
 
-One call does what the kernel does in one launch:
+One call (:func:`waterfill_torch`) does what the kernel does in one launch:
 
 1. rank loads: ``loads [W + 1]`` int64, the routed load of each of the ``W`` EP ranks and, last,
    the shared load to spread (tokens), in one unit. ``Source`` says where they come from;
 2. rank tables (:func:`rank_tables`): each rank's weight, its share of this rank's shared
-   tokens (:func:`rank_weights` or, for fixed recorded loads, :func:`excess_weights`) times the
-   local preference, and its fallback key; fixed loads give fixed tables, built once on the host;
+   tokens (:func:`rank_weights`) times the local preference, and its fallback key; fixed
+   recorded loads give fixed tables instead, built once on the host (``tables``);
 3. choose: each token draws the rank of its shared expert among its candidates (its own rank
    plus the ranks it already routes to, or every rank) in proportion to the weights; a per-entry
    hash is the randomness; a token whose candidates all weigh 0 takes the fallback;
@@ -49,7 +49,7 @@ class Source(IntEnum):
 
 @dataclass(frozen=True)
 class Rule:
-    """The settings that decide each token's shared-expert rank (validated by WaterfillBalancer).
+    """The settings that decide each token's shared-expert rank (built by ``WaterfillConfig.rule``).
 
     Attributes:
         ep_size: ``W``, the EP ranks.
@@ -95,10 +95,11 @@ def local_counts(topk_ids: torch.Tensor, slots_per_rank: int, ep_size: int) -> t
     return torch.cat([per_rank, tokens])
 
 
-def _water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(height [W], count)``: ``height = count * (T - load)`` for the water level ``T`` (the
-    level at which ``sum_r max(T - load_r, 0)`` equals the shared load ``loads[-1]``); positive
-    below the level (a deficit), negative above it (an excess).
+def water_level(loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(height [W], count)`` of ``loads [W + 1]`` (routed load per rank, then the shared load):
+    ``height = count * (T - load)`` for the water level ``T`` (the level at which
+    ``sum_r max(T - load_r, 0)`` equals the shared load ``loads[-1]``); positive below the level
+    (a deficit), negative above it (an excess).
 
     With the loads sorted, the ranks below ``T`` are those whose fill gap
     ``sum_{i: l_i <= l_r} (l_r - l_i)`` is less than the shared load, a prefix; ``count`` of them,
@@ -126,76 +127,17 @@ def rank_weights(loads: torch.Tensor, tokens_this_step: torch.Tensor, min_tile_t
         min_tile_tokens: ranks whose share is fewer tokens than this get weight 0, except the
             largest, so their few tokens join fuller GEMM tiles elsewhere (0: off).
     """
-    deficit = _water_level(loads)[0].clamp(min=0)
+    deficit = water_level(loads)[0].clamp(min=0)
     weight = deficit // ((deficit.max() >> WEIGHT_BITS) + 1)
     keep = (weight * tokens_this_step >= min_tile_tokens * weight.sum()) | (weight == weight.max())
     return torch.where(keep, weight, 0)
-
-
-def excess_weights(loads: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[W]`` int64 weights that move only the excess of ``rank``'s shared tokens (host-side, for
-    fixed loads).
-
-    Args:
-        loads: ``[W + 1]`` int64 expected routed load per rank, then the shared load; every rank
-            is assumed to hold ``1 / W`` of the shared tokens.
-        rank: the sending rank.
-
-    The balanced end state gives rank ``r`` a shared load equal to its deficit ``d_r`` below the
-    water level. A rank whose own share ``s`` is at most ``d_r`` keeps all its tokens (weight on
-    itself only); a rank above keeps ``d_r / s`` of them and sends the rest to the ranks with room
-    ``c_j = d_j - s > 0``, in proportion to it. So only the excess moves: fewer tokens cross the
-    network than when every token samples by deficit, and a rank below the level adds no
-    sampling noise to its own load.
-    """
-    height, count = _water_level(loads)
-    if count == 0:  # no shared load: nothing to move
-        return torch.zeros_like(height)
-    d = height.clamp(min=0).double() / count.double()
-    share = float(loads[-1]) / d.numel()
-    room = (d - share).clamp(min=0)
-    if d[rank] >= share or room.sum() <= 0:
-        weight = torch.zeros_like(d)
-        weight[rank] = 1.0
-    else:
-        # P(stay) = d_own / s, P(j) = (1 - d_own / s) * c_j / sum(c); times s * sum(c).
-        weight = (share - d[rank]) * room
-        weight[rank] = d[rank] * room.sum()
-    return torch.floor(weight / weight.max() * ((1 << WEIGHT_BITS) - 1)).to(torch.int64)
-
-
-def recorded_excess(loads: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """``[W + 1]`` int64: per rank, the other ranks' expected routed load above the water level,
-    per token of this rank's batch, in ``2**-EXCESS_BITS`` entries; the shared load's entry is 0
-    (host-side, for ``Source.BATCH_OFFSET``).
-
-    Args:
-        loads: ``[W + 1]`` int64 recorded routed load per rank, then the shared load (its tokens).
-        ep_size: ``W``.
-
-    Why: a rank's final load is the sum over the ``W`` senders of what each routes and sends to
-    it, so a sender that evens out its own batch (routed counts plus its shared tokens: SGLang's
-    static rule) removes its part of the step's fluctuation, which no recorded aggregate sees.
-    What it cannot see is the others' part: a rank above the recorded water level stays above
-    it, since the others' shared experts fill only the ranks below (their expected contribution
-    is ``max(load, T)`` per token, a constant below the level). Adding the others' excess
-    ``(W - 1) * max(load - T, 0)`` (per token, so it scales with the batch) to the batch's counts
-    keeps the batch rule's correction of its own fluctuation on the ranks below the level and
-    stops it from filling a rank that is only by chance light in this batch but hot overall.
-    """
-    height, count = _water_level(loads)
-    if count == 0 or ep_size == 1:  # no shared load, or no other rank
-        return torch.zeros_like(loads)
-    excess = (-height).clamp(min=0).double() / count.double()
-    per_token = excess * ((ep_size - 1) / loads[-1].double())
-    return torch.cat([torch.round(per_token * (1 << EXCESS_BITS)).to(torch.int64), loads.new_zeros(1)])
 
 
 def rank_tables(weights: torch.Tensor, loads: torch.Tensor, rule: Rule) -> torch.Tensor:
     """``[2, W]`` int64: per rank, the draw weight and the fallback key.
 
     Args:
-        weights: ``[W]`` int64 from :func:`rank_weights` or :func:`excess_weights`.
+        weights: ``[W]`` int64 from :func:`rank_weights` or ``tables.excess_weights``.
         loads: ``[W + 1]`` int64 rank loads (the fallback compares them).
         rule: the settings.
 
@@ -304,7 +246,7 @@ def waterfill_torch(
         loads: ``[W + 1]`` int64 rank loads on the ids' device. ``BATCH`` adds them to the batch's
             own counts (pseudo-counts of a prior; ``None``: the batch alone); ``BATCH_OFFSET``
             adds them times the batch's token count, shifted right by ``EXCESS_BITS``
-            (:func:`recorded_excess`).
+            (``tables.recorded_excess``).
         source: where the loads come from; ``GLOBAL`` loads also give the exact step token count,
             the others estimate it as the local tokens times ``W``.
         rule: the settings.

@@ -1,12 +1,13 @@
 """Side-by-side timing of waterfill kernel variants against the one in the package.
 
-A variant is a copy of ``src/eplb/waterfill/kernel.py`` with a change, kept in a file of its own
-(Triton needs a kernel's source file). Each variant is loaded as a separate module, optionally
-with module constants overridden (``FILE:NAME=VALUE,...``), and takes the place of the package's
-``waterfill_triton`` while WaterfillBalancer calls are captured, so every variant runs the same
-balancers, inputs and timing loop (``bench_recorder.time_per_call``, 61 layers per graph). Rounds
-interleave the variants, so clock drift hits all of them alike; the table gives each variant's
-median over rounds. Outputs are checked against the torch backend before timing.
+A variant is a copy of ``src/eplb/runtime/waterfill/kernel.py`` with a change, kept in a file of
+its own (Triton needs a kernel's source file). Each variant is loaded as a separate module,
+optionally with module constants overridden (``FILE:NAME=VALUE,...``), and takes the place of the
+package's ``waterfill_triton`` while WaterfillBalancer calls are captured, so every variant runs
+the same balancers and inputs (``waterfill_balancers``) and timing loop (``timing.time_per_call``,
+61 layers per graph). Rounds interleave the variants (``timing.interleaved_medians``), so clock
+drift hits all of them alike; the table gives each variant's median over rounds. Outputs are
+checked against the torch backend before timing.
 
     PYTHONPATH=src python benchmarks/ab_waterfill.py VARIANT.py[:NAME=VALUE,...] ... [--rounds 3]
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +27,9 @@ from types import ModuleType
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_recorder import time_per_call
-from bench_waterfill import LAYERS, TOKENS, layer_balancers, skewed_topk
 from eplb.runtime.waterfill import kernel as package_kernel
+from timing import interleaved_medians, meta, time_per_call
+from waterfill_balancers import LAYERS, TOKENS, TOP_K, layer_balancers, skewed_topk
 
 # (name, EP size, routed slots, balancer settings): the issue's setting under the default and
 # SGLang's rule, the default at other EP sizes, and the fixed-table path (no grid count) as a control.
@@ -74,38 +73,46 @@ def load_variant(spec: str) -> tuple[str, Callable]:
     return Path(spec).name, run
 
 
+def timer(fn: Callable, balancers: list, ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], float]:
+    """Times ``balancers`` cycled over the layers with ``fn`` as the package's kernel."""
+
+    def run() -> float:
+        package_kernel.waterfill_triton = fn
+        return time_per_call(lambda i: balancers[i % LAYERS].expand_topk(ids, weights), LAYERS)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", help="FILE[:NAME=VALUE,...]")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
     candidates = [("package", package_kernel.waterfill_triton)] + [load_variant(s) for s in args.variants]
     original = package_kernel.waterfill_triton
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[str, dict[str, float]] = {}
     for config, ep, slots, kw in CONFIGS:
         ids, weights = skewed_topk(TOKENS, slots, "cuda")
         expected = layer_balancers(ep, slots, **kw, backend="torch")[3].expand_topk(ids, weights)
-        layers = {}
+        timers = []
         for label, fn in candidates:
             package_kernel.waterfill_triton = fn
-            layers[label] = layer_balancers(ep, slots, **kw)
-            got = layers[label][3].expand_topk(ids, weights)
-            if not all(torch.equal(a, b) for a, b in zip(got, expected, strict=False)):
+            balancers = layer_balancers(ep, slots, **kw)
+            if not all(map(torch.equal, balancers[3].expand_topk(ids, weights), expected)):
                 raise SystemExit(f"error: {label} differs from the torch backend on {config}")
-        for _ in range(args.rounds):
-            for label, fn in candidates:
-                package_kernel.waterfill_triton = fn
-                us = time_per_call(lambda i, bs=layers[label], x=ids, w=weights: bs[i % LAYERS].expand_topk(x, w))
-                results.setdefault((config, label), []).append(us)
+            timers.append((label, timer(fn, balancers, ids, weights)))
+        results[config] = interleaved_medians(timers, args.rounds)
         package_kernel.waterfill_triton = original
-        print(config, "  ".join(f"{label} {statistics.median(results[config, label]):.3f}"
-                                for label, _ in candidates), flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, {TOKENS}x8 tokens, {args.rounds} rounds, median us per call")
+        print(config, "  ".join(f"{label} {us:.3f}" for label, us in results[config].items()), flush=True)
+    info = meta(tokens=TOKENS, top_k=TOP_K, rounds=args.rounds)
+    print(f"\n{info['device']} (torch {info['torch']}, triton {info['triton']}), {TOKENS}x{TOP_K} tokens, "
+          f"{args.rounds} rounds, median us per call")
     print("| input | " + " | ".join(label for label, _ in candidates) + " |")
     print("|---" * (len(candidates) + 1) + "|")
-    for config, *_ in CONFIGS:
-        cells = [f"{statistics.median(results[config, label]):.2f}" for label, _ in candidates]
-        print(f"| {config} | " + " | ".join(cells) + " |")
+    for config, medians in results.items():
+        print(f"| {config} | " + " | ".join(f"{us:.2f}" for us in medians.values()) + " |")
 
 
 if __name__ == "__main__":

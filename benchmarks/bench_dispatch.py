@@ -7,8 +7,8 @@
 remap: DeepSeek-V3 shape (58 layers, 256 experts, 288 slots on 32 GPUs / 4 nodes), 16384
 tokens x top-8 int32 ids. Each variant is captured in one CUDA graph of ``--calls`` remaps
 (cycling over the layers); a replay is timed with CUDA events and divided by the call count;
-the median over ``--replays`` replays is reported, next to an empty Triton kernel with the
-same grid (the launch floor) and the plain-torch remap. Two placements: a synthetic
+the median over ``--replays`` replays is reported (``timing.time_per_call``), next to an empty
+Triton kernel with the same grid (the launch floor) and the plain-torch remap. Two placements: a synthetic
 heavy-tailed load (one expert gets 33 replicas: the worst case for a per-replica scan) and a
 realistic one with X ~ 8 replicas at most: planned on the real DeepSeek-V3 loads when they are
 present, else on a log-normal stand-in (sigma 0.8: per-layer coefficient of variation 0.93,
@@ -34,12 +34,7 @@ import torch
 import eplb
 from eplb.runtime.dispatch import HashDispatch, StaticDispatch, WeightedDispatch, solve_weights, split_gpu_load
 from eplb.runtime.dispatch.alias import alias_table
-
-try:  # only the GPU part needs Triton; it resolves _empty_kernel's annotation in these globals
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = tl = None
+from timing import empty_launch, meta, time_per_call
 
 REAL = Path(__file__).resolve().parents[1] / "../shared/eplb_real_data/sglang-dsv3-ep-stats"
 LAYERS, EXPERTS, SLOTS, GPUS, NODES = 58, 256, 288, 32, 4
@@ -64,38 +59,20 @@ def read_real(name: str) -> torch.Tensor:
     return torch.tensor(json.loads((REAL / f"{name}.json").read_text())["logical_count"], dtype=torch.float64)[3:]
 
 
-def time_graph(fn, calls: int, replays: int) -> float:
-    """Median microseconds per call of ``fn(i)`` over graph replays of ``calls`` calls."""
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
-
-
 def bench_remap(args) -> list[dict]:
-    empty_kernel = triton.jit(_empty_kernel)
+    from eplb.runtime.dispatch.kernel import BLOCK  # imports triton
+
+    def per_call(op) -> float:
+        # One replay per sample: a graph of --calls remaps is long enough to time alone.
+        return time_per_call(op, args.calls, replays=1, repeats=args.replays)
+
     plan = dict(num_gpus=GPUS, num_slots=SLOTS, num_nodes=NODES, algorithm="deepseek")
     synthetic = eplb.plan(synthetic_load(), **plan)
     source, fit, recent = realistic_loads()
     realistic = eplb.plan(fit, **plan)
     ids = torch.randint(0, EXPERTS, (args.tokens, args.topk), dtype=torch.int32, device="cuda")
-    grid = (triton.cdiv(ids.numel(), 1024),)
-    rows = [{"variant": "empty Triton kernel (same grid)",
-             "us": time_graph(lambda i: empty_kernel[grid](ids, ids.numel(), BLOCK=1024), args.calls, args.replays)}]
+    grid = (-(-ids.numel() // BLOCK),)
+    rows = [{"variant": "empty Triton kernel (same grid)", "us": per_call(empty_launch(grid))}]
     width = synthetic.log2phy.shape[-1]
     policies = {
         "static": StaticDispatch(synthetic, 3, device="cuda"),
@@ -107,13 +84,9 @@ def bench_remap(args) -> list[dict]:
     }
     for name, policy in policies.items():
         for backend in ("triton", "torch"):
-            us = time_graph(lambda i: policy.remap(i % LAYERS, ids, backend=backend), args.calls, args.replays)
+            us = per_call(lambda i, policy=policy, backend=backend: policy.remap(i % LAYERS, ids, backend=backend))
             rows.append({"variant": f"{name} / {backend}", "us": us})
     return rows
-
-
-def _empty_kernel(ids_ptr, n, BLOCK: tl.constexpr):
-    pass
 
 
 def bench_solver(args) -> list[dict]:
@@ -182,7 +155,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.part in ("all", "remap"):
         if torch.cuda.is_available():
-            print(f"## remap, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            info = meta()
+            print(f"## remap, {info['device']}, torch {info['torch']}, triton {info['triton']}, "
                   f"{args.tokens} x top-{args.topk} int32, median us per layer call over {args.replays} graph "
                   "replays (X: most replicas of one expert)")
             print("| variant | us / call |\n|---|---|")

@@ -1,8 +1,8 @@
 """Per-layer cost of ExpertLoadRecorder updates under CUDA-graph replay, beside its baselines.
 
 Every op is captured CALLS times in one CUDA graph (cycling over the layers, as a model's forward
-pass does) and the graph is replayed; the per-call time is the median over REPEATS timings of
-REPLAYS replays each, measured with CUDA events. Baselines in the same run: an empty Triton
+pass does) and the graph is replayed; the per-call time is the median over 25 timings of 20
+replays each, measured with CUDA events (``timing.time_per_call``). Baselines in the same run: an empty Triton
 kernel (the floor of any launch inside a graph), torch ``scatter_add_`` (what SGLang records
 top-k ids with) and a torch in-place add (for counts).
 
@@ -13,47 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
-import triton
 
 from eplb.runtime.recorder import ExpertLoadRecorder
-from eplb.runtime.recorder import _triton as triton_ops
+from timing import Op, empty_launch, meta, time_per_call, write_json
 
 LAYERS, SLOTS, TOP_K, GPUS = 61, 288, 8, 32  # DeepSeek-V3 with 32 redundant slots on EP32
-CALLS, REPLAYS, REPEATS = 61, 20, 25
-
-
-@triton.jit
-def _empty_kernel(flag_ptr):
-    pass
-
-
-def time_per_call(op: Callable[[int], None], calls: int = CALLS) -> float:
-    """Median microseconds per ``op(i)`` call under graph replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        op(0)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            op(i)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(REPEATS):
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1000.0 / (REPLAYS * calls))
-    return statistics.median(samples)
+CALLS = 61
 
 
 def routed_ids(tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -70,6 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
+    import triton
+
+    from eplb.runtime.recorder import _triton as triton_ops
 
     rec = ExpertLoadRecorder(LAYERS, SLOTS, window=1000, device="cuda", decay=0.95, backend="triton")
     ref = ExpertLoadRecorder(LAYERS, SLOTS, window=1000, device="cuda", decay=0.95, backend="torch")
@@ -78,12 +49,12 @@ def main() -> None:
     counts = torch.randint(0, 4096, (local,), dtype=torch.int32, device="cuda")
     rows: list[dict] = []
 
-    def add(name: str, shape: str, op: Callable[[int], None], calls: int = CALLS) -> None:
+    def add(name: str, shape: str, op: Op, calls: int = CALLS) -> None:
         us = time_per_call(op, calls)
         rows.append({"op": name, "shape": shape, "us_per_call": round(us, 3)})
         print(f"{name:<44} {shape:<22} {us:8.3f} us", flush=True)
 
-    add("empty triton kernel (floor)", "-", lambda i: _empty_kernel[(1,)](flag))
+    add("empty triton kernel (floor)", "-", empty_launch())
     add("record_counts, triton", f"[{local}] int32", lambda i: rec.record_counts(i, counts, first_slot=0))
     add("record_counts, torch backend", f"[{local}] int32", lambda i: ref.record_counts(i, counts, first_slot=0))
     add("baseline: torch row += counts", f"[{local}] int32", lambda i: ref.current[i, :local].add_(counts))
@@ -95,10 +66,10 @@ def main() -> None:
             shape = f"{tokens}x{TOP_K} {str(dtype)[6:]}"
             ones = torch.ones_like(flat, dtype=torch.int32)
             wide = flat.to(torch.int64)
-            add("record_topk, triton", shape, lambda i: rec.record_topk(i, ids))
-            add("record_topk, torch backend (masked)", shape, lambda i: ref.record_topk(i, ids))
+            add("record_topk, triton", shape, lambda i, ids=ids: rec.record_topk(i, ids))
+            add("record_topk, torch backend (masked)", shape, lambda i, ids=ids: ref.record_topk(i, ids))
             add("baseline: torch scatter_add_ (no mask)", shape,
-                lambda i: ref.current[i].scatter_add_(0, wide, ones))
+                lambda i, wide=wide, ones=ones: ref.current[i].scatter_add_(0, wide, ones))
             if dtype == torch.int32:
                 # Ids per program and warps of the histogram kernel, to pick the defaults.
                 for block in (1024, 2048, 4096):
@@ -107,7 +78,7 @@ def main() -> None:
                     for warps in (4, 8, 16):
                         grid = (triton.cdiv(flat.numel(), block),)
                         add(f"  sweep: topk kernel block={block} warps={warps}", shape,
-                            lambda i, b=block, w=warps, g=grid: triton_ops._record_topk_kernel[g](
+                            lambda i, b=block, w=warps, g=grid, flat=flat: triton_ops._record_topk_kernel[g](
                                 flat, flat.numel(), rec.current[i], flag, SLOTS,
                                 BLOCK=b, BINS=triton.next_power_of_2(SLOTS), num_warps=w))
     # Both paths must count the same ids alike, or the timings compare different work.
@@ -122,7 +93,7 @@ def main() -> None:
     for tokens in (128, 16384):
         logical = routed_ids(tokens, torch.int32) % 256
         add("record_coactivation (opt-in, torch)", f"{tokens}x{TOP_K} int32",
-            lambda i: coact.record_coactivation(i, logical))
+            lambda i, logical=logical: coact.record_coactivation(i, logical))
 
     rec.stop()
     add("record_topk, triton, recording stopped", f"16384x{TOP_K} int32", lambda i: rec.record_topk(i, ids))
@@ -130,19 +101,10 @@ def main() -> None:
     add("step(), triton (per forward pass)", f"[{LAYERS}, {SLOTS}]", lambda i: rec.step(), calls=8)
     add("step(), torch backend", f"[{LAYERS}, {SLOTS}]", lambda i: ref.step(), calls=8)
 
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "calls_per_graph": CALLS,
-        "replays": REPLAYS,
-        "repeats": REPEATS,
-        "default_topk_launch": {n: triton_ops.topk_launch(n) for n in (128 * TOP_K, 16384 * TOP_K)},
-    }
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    info = meta(calls_per_graph=CALLS,
+                default_topk_launch={n: triton_ops.topk_launch(n) for n in (128 * TOP_K, 16384 * TOP_K)})
+    print(json.dumps(info))
+    write_json(args.json, info, rows)
 
 
 if __name__ == "__main__":

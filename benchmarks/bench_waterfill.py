@@ -1,9 +1,10 @@
 """WaterfillBalancer: per-layer cost under CUDA-graph replay, and its simulated gain on real loads.
 
 Timing (needs CUDA): every variant of ``expand_topk`` (count, choose, expand) is captured CALLS
-times in one CUDA graph, one balancer per layer as in a forward pass, and replayed; the time per
-call is the median over repeated CUDA-event timings (``bench_recorder.time_per_call``), beside an
-empty Triton kernel. Before timing, the script checks that the Triton and torch paths agree.
+times in one CUDA graph, one balancer per layer as in a forward pass (``waterfill_balancers``),
+and replayed; the time per call is the median over repeated CUDA-event timings
+(``timing.time_per_call``), beside an empty Triton kernel. Before timing, the script checks that
+the Triton and torch paths agree.
 
     PYTHONPATH=src python benchmarks/bench_waterfill.py [--json out.json]
 
@@ -23,58 +24,38 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from eplb import WaterfillBalancer, plan
+from eplb import Placement, WaterfillBalancer, WaterfillConfig, plan
 from eplb.runtime.dispatch import HashDispatch
+from timing import Op, empty_launch, meta, time_per_call, write_json
+from waterfill_balancers import DEFAULT, EP, LAYERS, SLOTS, TOKENS, TOP_K, layer_balancers, skewed_topk
 
 REPO = Path(__file__).resolve().parents[1]
 # The DeepSeek-V3 statistics live beside the repository (license unstated: never copied in).
 STATS = REPO.parent / "shared" / "eplb_real_data" / "sglang-dsv3-ep-stats"
-TOKENS, TOP_K, SLOTS, EP = 4096, 8, 288, 16  # the issue's setting: 4096 x top-8, EP16, 288 slots
-LAYERS = 61
-DEFAULT = "static, batch + recorded excess (eplb default)"
-
-
-def skewed_topk(tokens: int, slots: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[tokens, TOP_K]`` int32 ids with a few hot slots, and float32 weights."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    popularity = torch.rand(slots, device=device, generator=gen) ** 4 + 1e-3
-    ids = torch.multinomial(popularity.expand(tokens, -1), TOP_K, generator=gen).to(torch.int32)
-    return ids, torch.rand(tokens, TOP_K, device=device, generator=gen)
+CALLS = LAYERS
 
 
 # Timing ----------------------------------------------------------------------------------
 
 
-def layer_balancers(ep: int, slots: int, recorded: bool = False, **kw) -> list[WaterfillBalancer]:
-    """One balancer per layer on rank 1 (``recorded``: with recorded rank loads, low ranks hotter),
-    each called once on the GPU, which builds its device buffers outside any graph capture."""
-    if recorded:
-        kw["rank_load"] = torch.linspace(2.0, 1.0, ep)
-    balancers = [WaterfillBalancer(slots, ep, 1, 2.5, layer_id=l, check_inputs=False, **kw) for l in range(LAYERS)]
-    warm_ids, warm_w = skewed_topk(64, slots, "cuda")
-    for b in balancers:
-        b.expand_topk(warm_ids, warm_w)
-    return balancers
+def cycle(balancers: list[WaterfillBalancer], ids: torch.Tensor, weights: torch.Tensor) -> Op:
+    """The op of a forward pass: call ``i`` runs layer ``i``'s balancer."""
+    return lambda i: balancers[i % LAYERS].expand_topk(ids, weights)
 
 
 def bench(json_path: str | None) -> None:
-    import triton
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_recorder import CALLS, REPEATS, REPLAYS, _empty_kernel, time_per_call
-
     rows: list[dict] = []
 
-    def add(name: str, shape: str, op: Callable[[int], object], calls: int = CALLS) -> None:
+    def add(name: str, shape: str, op: Op, calls: int = CALLS) -> None:
         us = time_per_call(op, calls)
         rows.append({"op": name, "shape": shape, "calls_per_graph": calls, "us_per_call": round(us, 3)})
         print(f"{name:<58} {shape:<26} {calls:>3} {us:8.3f} us", flush=True)
 
-    flag = torch.zeros(1, device="cuda")
-    add("empty triton kernel (floor)", "-", lambda i: _empty_kernel[(1,)](flag))
+    add("empty triton kernel (floor)", "-", empty_launch())
     identity = {"all_reduce": lambda t: t}  # dynamic mode minus the collective
     recorded_only = dict(recorded=True, estimate="recorded")
     variants = [
@@ -94,27 +75,23 @@ def bench(json_path: str | None) -> None:
         # Same output from both backends, or the timings compare different work.
         a, b = (layer_balancers(EP, SLOTS, **{**kw, "backend": be})[3].expand_topk(ids, weights)
                 for be in ("triton", "torch"))
-        if not all(torch.equal(x, y) for x, y in zip(a, b, strict=False)):
+        if not all(map(torch.equal, a, b)):
             print(f"MISMATCH: {name}: triton and torch outputs differ", flush=True)
         balancers = layer_balancers(EP, SLOTS, **kw)
         shape = f"{TOKENS}x{TOP_K} EP{EP} P={SLOTS}"
-        add(name, shape, lambda i, bs=balancers: bs[i % LAYERS].expand_topk(ids, weights))
+        add(name, shape, cycle(balancers, ids, weights))
         if name == DEFAULT:
-            add(name + ", 1 call per graph", shape, lambda i, bs=balancers: bs[0].expand_topk(ids, weights), calls=1)
+            add(name + ", 1 call per graph", shape, cycle(balancers[:1] * LAYERS, ids, weights), calls=1)
     for ep, slots in ((8, 288), (32, 288), (64, 320)):
         sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
         for name, kw in ((DEFAULT, dict(recorded=True)), ("static, recorded loads only", recorded_only)):
-            balancers = layer_balancers(ep, slots, **kw)
-            add(name, f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
-                lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+            add(name, f"{TOKENS}x{TOP_K} EP{ep} P={slots}", cycle(layer_balancers(ep, slots, **kw), sized_ids, sized_w))
         dyn = layer_balancers(ep, slots, mode="dynamic", **identity)
-        add("dynamic, no all-reduce", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
-            lambda i, bs=dyn: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+        add("dynamic, no all-reduce", f"{TOKENS}x{TOP_K} EP{ep} P={slots}", cycle(dyn, sized_ids, sized_w))
     for tokens in (128, 16384):
-        balancers = layer_balancers(EP, SLOTS, recorded=True)
         sized_ids, sized_w = skewed_topk(tokens, SLOTS, "cuda")
         add(DEFAULT, f"{tokens}x{TOP_K} EP{EP} P={SLOTS}",
-            lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+            cycle(layer_balancers(EP, SLOTS, recorded=True), sized_ids, sized_w))
     # Tokens per program and warps of the fused kernel (module constants): which is fastest here.
     from eplb.runtime.waterfill import kernel
 
@@ -122,21 +99,17 @@ def bench(json_path: str | None) -> None:
     for block, warps in ((32, 1), (64, 2), (128, 4), (256, 8)):
         kernel.BLOCK_M, kernel.NUM_WARPS = block, warps
         for ep, slots in ((16, 288), (64, 320)):
-            balancers = layer_balancers(ep, slots, recorded=True)
             sized_ids, sized_w = skewed_topk(TOKENS, slots, "cuda")
             add(f"{DEFAULT}, BLOCK_M={block} num_warps={warps}", f"{TOKENS}x{TOP_K} EP{ep} P={slots}",
-                lambda i, bs=balancers: bs[i % LAYERS].expand_topk(sized_ids, sized_w))
+                cycle(layer_balancers(ep, slots, recorded=True), sized_ids, sized_w))
     kernel.BLOCK_M, kernel.NUM_WARPS = default
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "calls_per_graph": CALLS, "replays": REPLAYS, "repeats": REPEATS}
-    print(json.dumps(meta))
+    info = meta(calls_per_graph=CALLS)
+    print(json.dumps(info))
     print("\n| variant | input | calls/graph | us per call |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['shape']} | {r['calls_per_graph']} | {r['us_per_call']:.2f} |")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_json(json_path, info, rows)
 
 
 # Simulation ------------------------------------------------------------------------------
@@ -169,6 +142,27 @@ SCENARIOS = {
 }
 
 
+def waterfill_variants(placement: Placement, recorded: torch.Tensor) -> dict[str, Callable[[int, int], Any]]:
+    """The simulated variants: ``{name: make(layer, rank) -> WaterfillBalancer}`` on the torch backend."""
+    slots, ep = placement.num_slots, placement.num_gpus
+
+    def static(estimate: str) -> Callable[[int, int], WaterfillBalancer]:
+        config = WaterfillConfig(estimate=estimate, backend="torch")
+        return lambda layer, rank: WaterfillBalancer.from_placement(placement, recorded, layer=layer, rank=rank,
+                                                                    config=config)
+
+    def batch(mode: str, **runtime: Any) -> Callable[[int, int], WaterfillBalancer]:
+        config = WaterfillConfig(mode=mode, backend="torch")
+        return lambda layer, rank: WaterfillBalancer(slots, ep, rank, config, layer_id=layer, **runtime)
+
+    return {
+        "static, recorded loads (move=excess)": static("recorded"),
+        "static, batch counts (SGLang)": batch("static"),
+        "static, batch + recorded excess": static("batch"),
+        "dynamic": batch("dynamic", all_reduce=lambda t: t),
+    }
+
+
 def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...], seed: int = 0) -> list[dict]:
     """Mean over layers of per-rank compute max/mean, for every waterfill variant."""
     fit_files, recorded_files, rank_files = SCENARIOS[scenario]
@@ -181,20 +175,7 @@ def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]
         slots = 256 + ep
         placement = plan(fit, num_gpus=ep, num_slots=slots)
         dispatch = HashDispatch(placement)
-
-        def static(**kw):
-            return lambda l, r: WaterfillBalancer.from_placement(placement, recorded, layer=l, rank=r,
-                                                                 backend="torch", **kw)
-
-        def batch(**kw):
-            return lambda l, r: WaterfillBalancer(slots, ep, r, layer_id=l, backend="torch", **kw)
-
-        variants = {
-            "static, recorded loads (move=excess)": static(estimate="recorded"),
-            "static, batch counts (SGLang)": batch(),
-            "static, batch + recorded excess": static(estimate="batch"),
-            "dynamic": batch(mode="dynamic", all_reduce=lambda t: t),
-        }
+        variants = waterfill_variants(placement, recorded)
         sums = {"routed only": 0.0, "no waterfill": 0.0, **{v: 0.0 for v in variants}}
         layer_ids = range(0, fit.shape[0], layer_stride)
         for layer in layer_ids:
@@ -207,9 +188,9 @@ def simulate(scenario: str, tokens: int, layer_stride: int, eps: tuple[int, ...]
             weights = torch.ones(tokens, TOP_K)
             for name, make in variants.items():
                 balancers = [make(layer, r) for r in range(ep)]
-                counts = sum(b.local_counts(ids) for b, ids in zip(balancers, batches, strict=False))
+                counts = sum(b.local_counts(ids) for b, ids in zip(balancers, batches, strict=True))
                 work = torch.zeros(ep, dtype=torch.int64)
-                for b, ids in zip(balancers, batches, strict=False):
+                for b, ids in zip(balancers, batches, strict=True):
                     out = (b.expand_topk_global(ids, weights, counts) if b.mode == "dynamic"
                            else b.expand_topk(ids, weights))[0]
                     work += torch.bincount(out.flatten() // (slots // ep + 1), minlength=ep)

@@ -23,6 +23,15 @@ RULE = Rule(ep_size=4, slots_per_rank=8, rank=1, shared_weight=1.0, key=7, all_r
             remote_weight=10, min_tile_tokens=0)
 
 
+def random_loads(seed: int, max_ranks: int, shared_part: int) -> tuple[int, torch.Tensor, int]:
+    """``(W, load [W], shared)``: 2 to ``max_ranks - 1`` ranks of random loads and a shared load of
+    ``1 / shared_part`` of their sum."""
+    gen = torch.Generator().manual_seed(seed)
+    w = int(torch.randint(2, max_ranks, (1,), generator=gen))
+    load = torch.randint(0, 10_000, (w,), generator=gen)
+    return w, load, int(load.sum()) // shared_part
+
+
 def test_rank_load_is_scaled_to_integers_of_a_fixed_sum():
     prior = scaled_rank_load([3.0, 1.0, 0.0, 4.0], 4)
     assert prior.dtype == torch.int64
@@ -44,10 +53,7 @@ def test_recorded_loads_end_with_the_shared_load_and_scale_to_pseudo_counts():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_excess_weights_keep_the_fair_share_and_send_the_rest_where_there_is_room(seed):
-    gen = torch.Generator().manual_seed(seed)
-    w = int(torch.randint(2, 20, (1,), generator=gen))
-    load = torch.randint(0, 10_000, (w,), generator=gen)
-    shared = int(load.sum()) // 4
+    w, load, shared = random_loads(seed, max_ranks=20, shared_part=4)
     loads = torch.cat([load, torch.tensor([shared])])
     deficit = (bisected_level(load.double(), shared) - load.double()).clamp(min=0)
     share = shared / w
@@ -67,10 +73,7 @@ def test_excess_weights_keep_the_fair_share_and_send_the_rest_where_there_is_roo
 
 @pytest.mark.parametrize("seed", range(4))
 def test_recorded_excess_is_the_others_load_above_the_level_per_token(seed):
-    gen = torch.Generator().manual_seed(seed)
-    w = int(torch.randint(2, 40, (1,), generator=gen))
-    load = torch.randint(0, 10_000, (w,), generator=gen)
-    shared = int(load.sum()) // 8
+    w, load, shared = random_loads(seed, max_ranks=40, shared_part=8)
     excess = recorded_excess(torch.cat([load, torch.tensor([shared])]), w)
     assert excess.shape == (w + 1,) and excess[-1] == 0
     above = (load.double() - bisected_level(load.double(), shared)).clamp(min=0)

@@ -1,0 +1,93 @@
+"""Timing helpers the GPU benchmarks share: CUDA-graph replay timing, interleaved A/B rounds, metadata.
+
+An op is a function ``op(i)`` of the call index ``i`` (benchmarks cycle it over a model's layers).
+:func:`time_per_call` captures ``calls`` calls of it in one CUDA graph and times replays with CUDA
+events: launches inside a graph cost what they cost in a serving engine that replays its forward
+pass, without the Python overhead of eager calls. Imports without CUDA or triton (the benchmarks'
+CPU parts use neither); the timing functions need both.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Op = Callable[[int], object]
+
+
+def time_per_call(op: Op, calls: int, replays: int = 20, repeats: int = 25) -> float:
+    """Median microseconds per ``op(i)`` call under CUDA-graph replay.
+
+    Args:
+        op: the op; called once eagerly first (on a side stream, as a capture needs: Triton
+            compiles a kernel on first use, which cannot happen inside a capture).
+        calls: calls captured in the graph, ``op(0) .. op(calls - 1)``.
+        replays: graph replays per sample, between two CUDA events.
+        repeats: samples; the median is reported.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            op(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / (replays * calls))
+    return statistics.median(samples)
+
+
+def _empty(ptr):
+    pass
+
+
+def empty_launch(grid: tuple[int, ...] = (1,)) -> Op:
+    """An op that launches an empty Triton kernel on ``grid``: the floor of any launch in a graph."""
+    import triton
+
+    kernel = triton.jit(_empty)
+    flag = torch.zeros(1, device="cuda")
+    return lambda i: kernel[grid](flag)
+
+
+def interleaved_medians(timers: Sequence[tuple[str, Callable[[], float]]], rounds: int) -> dict[str, float]:
+    """``{label: median}`` of each timer over ``rounds`` rounds; every round runs all the timers in
+    turn, so that clock and thermal drift hit them alike (an A/B comparison)."""
+    samples: dict[str, list[float]] = {label: [] for label, _ in timers}
+    for _ in range(rounds):
+        for label, timer in timers:
+            samples[label].append(timer())
+    return {label: statistics.median(values) for label, values in samples.items()}
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    """What a result was measured on: the GPU, torch and triton versions, then ``extra``."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "triton": triton_version, **extra}
+
+
+def write_json(path: str | None, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write ``{"meta": ..., "rows": ...}`` to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta_, "rows": rows}, f, indent=1)

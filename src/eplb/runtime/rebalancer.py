@@ -295,13 +295,16 @@ class Rebalancer:
         assert self.last is not None
         self._queue.clear()
         self.last.error = str(exc)
-        log.warning("step %d: rebalance stopped, the placement before it keeps serving: %s", self.steps, exc)
+        log.warning("rank %d, step %d: rebalance stopped, the placement before it keeps serving: %s",
+                    self.rank, self.steps, exc)
 
     def _finish_rebalance(self) -> None:
         assert self.last is not None
         self._session = None
         self.last.done = True
         d, r = self.last.decision, self.last.report
+        if self.rank != 0:  # every rank knows the same numbers: one line per rebalance, not one per rank
+            return
         log.info(
             "step %d: rebalanced %d slots over %d layers (predicted max/mean %.4f -> %.4f; planned in %.2fs; "
             "%.1f MB sent, %.1f MB within nodes)%s",

@@ -96,3 +96,48 @@ def test_state_dict_round_trip_and_bad_config() -> None:
         RebalancerConfig(mode="later")
     with pytest.raises(EplbError, match="malformed"):
         again.load_state_dict({"history": []})
+
+
+def _faulty(rank: int, world: int, out: dict) -> None:
+    from eplb.runtime.migration import transfer
+
+    canon = canonical(LAYERS, EXPERTS)
+    start = plan(_phase_probs(0).expand(LAYERS, -1) * 1000, num_gpus=world, num_slots=SLOTS)
+    weights, _ = make_weights(canon, start, rank)
+    recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=16, device="cpu", backend="torch")
+    config = RebalancerConfig(every=4, mode="async", plan_lag=1, history=4,
+                              policy=OnlineConfig(window=1, max_moves=4, min_gain=0.01),
+                              migration=MigrationConfig(timeout_s=10))
+    rb = Rebalancer(recorder, start, weights, config=config)
+    stage = transfer.stage
+    failures = {"left": 1}
+
+    def flaky(*args, **kwargs):  # rank 1 fails the first migration step it stages
+        if rank == 1 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected staging fault")
+        return stage(*args, **kwargs)
+
+    transfer.stage = flaky
+    gen = torch.Generator().manual_seed(rank)
+    served = []
+    for step in range(24):
+        _record(recorder, rb.serving, gen, phase=1)
+        rb.step()
+        assert corrupted_slots(weights, canon, rb.serving, rank) == 0, f"step {step}"
+        served.append(rb.serving.phy2log.clone())
+    rb.close()
+    errors = [r.error for r in rb.rebalances if r.error]
+    assert errors and "injected staging fault" in errors[0] and "rank 1" in errors[0], errors
+    assert any(r.done and r.error is None and r.report.moves for r in rb.rebalances), "no retry succeeded"
+    if rank == 0:
+        out["errors"] = len(errors)
+
+
+def test_a_failed_step_keeps_the_old_placement_everywhere_and_the_next_decision_retries() -> None:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        spawn(_faulty, 2, out)
+        assert out["errors"] == 1

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from eplb.cluster import require_count
 from eplb.errors import EplbError
 from eplb.placement import Placement
+from eplb.planning.migration.cost import check_same_shape
 from eplb.planning.online import Decision, OnlineConfig, decide, predicted_max_over_mean
 from eplb.runtime.migration import ExpertWeights, MigrationConfig, MigrationError, MigrationReport, Session, Step
 from eplb.runtime.migration import migrate as migrate_all
@@ -157,6 +158,19 @@ class Rebalancer:
             self._start_next()
         if self.steps % self.config.every == 0 and self._plan is None and not self._queue and self._pending is None:
             self._start_decision()
+
+    def move_to(self, placement: Placement) -> None:
+        """Start moving to ``placement`` now, as if the policy had chosen it (an operator's decision, or a
+        plan made elsewhere): async, one migration step per ``step()``; sync, before this call returns.
+        Every rank calls it at the same point of the same step, with the same placement."""
+        if self.migrating or self._plan is not None:
+            raise EplbError("a rebalance is under way; call move_to once `migrating` is False")
+        check_same_shape(self.serving, placement)
+        recent = self.history[-self.config.policy.window :]
+        score = predicted_max_over_mean if recent.shape[0] else (lambda *_: float("nan"))
+        moves = (placement.phy2log != self.serving.phy2log).sum(1)
+        self._act(Decision(placement=placement, act=bool(moves.any()), before=score(self.serving, recent),
+                           after=score(placement, recent), moves=moves, plan_seconds=0.0))
 
     @property
     def migrating(self) -> bool:

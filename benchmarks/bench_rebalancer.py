@@ -1,0 +1,162 @@
+"""What the online rebalancer costs a serving step, on one GPU: step time with an async rebalance in flight
+against the same steps without a rebalancer, and the sync rebalance's copy rate against the HBM copy bound.
+
+    python benchmarks/bench_rebalancer.py --json out.json          # H200: DeepSeek-V3 expert shapes, bf16
+    python benchmarks/bench_rebalancer.py --small                  # CPU smoke run
+
+One process is a one-rank EP group, so every move is a local copy (staged, checksummed, committed), and
+one GPU is always balanced, so the rebalance is ordered with ``Rebalancer.move_to``: every redundant slot
+of every layer takes another expert (``--slots - --experts`` moves per layer); the multi-GPU transfers are
+measured on several GPUs (docs/benchmarks/multi_gpu.md). A step is the reference ``EPMoE`` forward of every
+layer on ``--tokens`` tokens plus ``recorder.step()`` and ``rebalancer.step()``, timed from one device sync
+to the next; async mode commits one layer per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import eplb
+from eplb import ExpertLoadRecorder
+from eplb.runtime.migration import ExpertWeights, MigrationConfig
+from eplb.runtime.moe import EPMoE, EPMoEConfig, local_slot_weights
+from eplb.runtime.rebalancer import Rebalancer, RebalancerConfig
+from timing import meta, write_json
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=72)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=24, help="steps per run (the rebalance is ordered half way)")
+    parser.add_argument("--json", default=None)
+    return parser.parse_args()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    args = parse()
+    hidden, inter = (64, 32) if args.small else (7168, 2048)
+    if args.small:
+        args.experts, args.slots, args.tokens, args.layers = 16, 20, 256, 2
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, device_id=device if cuda else None)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = EPMoEConfig(hidden=hidden, intermediate=inter, num_experts=args.experts, top_k=8, router="grouped",
+                         num_groups=8, topk_groups=4, routed_scaling_factor=2.5, shared_expert=False,
+                         dispatch="hash", dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    routers, fulls = [], []
+    for _ in range(args.layers):
+        routers.append({"gate": torch.randn(args.experts, hidden, device=device, dtype=dtype, generator=gen) * 0.02,
+                        "bias": torch.zeros(args.experts, device=device, dtype=dtype)})
+        fulls.append({"w13": torch.randn(args.experts, 2 * inter, hidden, device=device, dtype=dtype, generator=gen),
+                      "w2": torch.randn(args.experts, hidden, inter, device=device, dtype=dtype, generator=gen)})
+    x = torch.randn(args.tokens, hidden, device=device, dtype=dtype, generator=gen)
+    expert_bytes = sum(t[0].numel() * t.element_size() for t in fulls[0].values())
+
+    start = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=1, num_slots=args.slots, algorithm="linear")
+    moved = start.phy2log.clone()
+    spare = args.slots - args.experts
+    moved[:, args.experts :] = (moved[:, args.experts :] + spare) % args.experts
+    target = eplb.Placement(moved, args.experts, 1)
+
+    def build(with_rebalancer: bool, mode: str = "async"):
+        weights = ExpertWeights([local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)])
+        recorder = ExpertLoadRecorder(args.layers, args.slots, window=args.steps, device=device)
+        layers = [EPMoE(config, start, layer, weights.tensors(layer), routers[layer], recorder=recorder)
+                  for layer in range(args.layers)]
+        rb = None
+        if with_rebalancer:
+            rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(
+                every=10**6, mode=mode, migration=MigrationConfig(timeout_s=120)),
+                on_commit=lambda layer, placement: layers[layer].set_placement(placement))
+        return layers, recorder, rb
+
+    def run(with_rebalancer: bool, mode: str = "async") -> list[tuple[float, bool]]:
+        layers, recorder, rb = build(with_rebalancer, mode)
+        out = []
+        for step in range(args.steps):
+            if rb is not None and step == args.steps // 2:
+                rb.move_to(target)
+            _sync(device)
+            t0 = time.perf_counter()
+            for layer in layers:
+                layer(x)
+            recorder.step()
+            busy = False
+            if rb is not None:
+                busy = rb.migrating
+                rb.step()
+                busy = busy or rb.migrating
+            _sync(device)
+            out.append((time.perf_counter() - t0, busy))
+        if rb is not None:
+            rb.close()
+            moves = sum(r.report.moves for r in rb.rebalances)
+            out.append((float(moves), False))
+        return out
+
+    rows = []
+    for round_ in range(3):  # interleaved rounds: the machine's noise hits both sides alike
+        base = run(False)
+        with_rb = run(True)
+        moves = int(with_rb.pop()[0])
+        base_ms = statistics.median(t for t, _ in base[2:]) * 1e3
+        busy = [t for t, b in with_rb[2:] if b]
+        idle = [t for t, b in with_rb[2:] if not b]
+        row = {"round": round_, "step_ms_without_rebalancer": base_ms,
+               "step_ms_idle_rebalancer": statistics.median(idle) * 1e3 if idle else None,
+               "step_ms_migrating": statistics.median(busy) * 1e3 if busy else None,
+               "worst_step_ms_migrating": max(busy) * 1e3 if busy else None,
+               "migrating_steps": len(busy), "slots_moved": moves, "bytes_per_expert": expert_bytes}
+        if busy:
+            row["overhead_median"] = row["step_ms_migrating"] / base_ms - 1
+            row["overhead_worst"] = row["worst_step_ms_migrating"] / base_ms - 1
+            if idle:
+                row["overhead_vs_idle_steps"] = row["step_ms_migrating"] / row["step_ms_idle_rebalancer"] - 1
+        print(row, flush=True)
+        rows.append(row)
+
+    # Sync mode: one whole rebalance inside one step; its copy rate against a plain device copy.
+    layers, recorder, rb = build(True, "sync")
+    _sync(device)
+    t0 = time.perf_counter()
+    rb.move_to(target)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    moved = sum(r.report.moves for r in rb.rebalances)
+    block = torch.empty(moved * expert_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(block)
+    _sync(device)
+    t0 = time.perf_counter()
+    target.copy_(block)
+    _sync(device)
+    bound = time.perf_counter() - t0
+    sync_row = {"sync_rebalance_s": seconds, "slots_moved": moved, "bytes_moved": moved * expert_bytes,
+                "plain_copy_s": bound, "ratio_to_one_copy": seconds / bound if bound else None,
+                "phases_s": rb.rebalances[-1].report.seconds if rb.rebalances else None}
+    print(sync_row, flush=True)
+    rb.close()
+    write_json(args.json, meta(command="python benchmarks/bench_rebalancer.py", **vars(args)), rows + [sync_row])
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -141,3 +141,27 @@ def test_a_failed_step_keeps_the_old_placement_everywhere_and_the_next_decision_
         out = manager.dict()
         spawn(_faulty, 2, out)
         assert out["errors"] == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_move_to_an_ordered_placement(mode: str) -> None:
+    canon = canonical(LAYERS, EXPERTS)
+    start = plan(torch.ones(LAYERS, EXPERTS), num_gpus=1, num_slots=SLOTS, algorithm="linear")
+    shifted = start.phy2log.clone()
+    shifted[:, EXPERTS:] = (shifted[:, EXPERTS:] + 3) % EXPERTS
+    target = type(start)(shifted, EXPERTS, 1)
+    weights, _ = make_weights(canon, start, 0)
+    recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=4, device="cpu", backend="torch")
+    rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(every=100, mode=mode, plan_lag=1))
+    rb.move_to(target)
+    assert rb.migrating == (mode == "async")
+    if mode == "async":
+        with pytest.raises(EplbError, match="under way"):
+            rb.move_to(target)
+    for _ in range(2 * LAYERS + 1):
+        recorder.step()
+        rb.step()
+        assert corrupted_slots(weights, canon, rb.serving, 0) == 0
+    rb.close()
+    assert torch.equal(rb.serving.phy2log, target.phy2log) and not rb.migrating
+    assert rb.rebalances[-1].report.moves == int((start.phy2log != target.phy2log).sum())

@@ -11,7 +11,7 @@ of one layer distinct for distinct entries, so ``h mod c`` spreads consecutive e
 over ``c`` replicas; the per-layer key decorrelates layers. It depends on nothing but the entry
 index, the layer and the seed: every rank, every run and every backend (torch, Triton, the
 Triton interpreter) computes the same value, and it needs no RNG state, so it is safe under
-CUDA-graph replay.
+CUDA-graph replay. The Triton kernels take it from ``eplb.runtime.hashing_triton``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ import torch
 import eplb
 from eplb import EplbError, Placement, WaterfillBalancer, WaterfillConfig
 from eplb.runtime.waterfill import expand_routed_ids, shared_slot
-from eplb.runtime.waterfill.config import HostInput
-from eplb.runtime.waterfill.reference import Source
 from tests.runtime.waterfill.waterfill_inputs import random_topk
 
 TORCH = WaterfillConfig(backend="torch")
@@ -173,24 +171,6 @@ def test_static_mode_moves_only_the_excess_of_the_recorded_loads():
     assert static_shares(1, mild)[1] == 1.0
 
 
-@pytest.mark.parametrize(
-    ("knobs", "recorded", "source", "host", "estimate", "move"),
-    [
-        ({}, False, Source.BATCH, HostInput.NONE, None, "all"),
-        ({"mode": "dynamic"}, False, Source.GLOBAL, HostInput.NONE, None, "all"),
-        ({}, True, Source.BATCH_OFFSET, HostInput.EXCESS, "batch", "all"),
-        ({"prior_tokens": 10}, True, Source.BATCH, HostInput.LOADS, "recorded", "all"),
-        ({"estimate": "recorded"}, True, Source.PRIOR, HostInput.TABLES, "recorded", "excess"),
-        ({"estimate": "recorded", "move": "all"}, True, Source.PRIOR, HostInput.TABLES, "recorded", "all"),
-        ({"estimate": "recorded", "min_tile_tokens": 8}, True, Source.PRIOR, HostInput.LOADS, "recorded", "all"),
-    ],
-)
-def test_the_config_resolves_once_into_a_strategy(knobs, recorded, source, host, estimate, move):
-    b = WaterfillBalancer(32, 4, 0, WaterfillConfig(**knobs), rank_load=torch.ones(4) if recorded else None)
-    assert (b.strategy.source, b.strategy.host, b.estimate, b.move) == (source, host, estimate, move)
-    assert b.strategy.fixed_tables == (host is HostInput.TABLES)
-
-
 def test_prior_tokens_blend_the_recorded_loads_with_the_batch(make_topk):
     p, w = 32, 4
     ids, weights = make_topk(2000, 2, p, seed=5, skew=2.0)  # the batch says rank 0 is hot
@@ -271,33 +251,6 @@ def test_from_placement_reads_gpu_loads(make_topk):
     assert set(dest.tolist()) == {2, 3}  # the hot GPU sends all: only the idle GPUs are below the level
     with pytest.raises(EplbError, match="layer 3"):
         WaterfillBalancer.from_placement(placement, load, layer=3, rank=0)
-
-
-@pytest.mark.parametrize(
-    ("knobs", "match"),
-    [
-        (dict(routed_scaling_factor=-1.0), "routed_scaling_factor"),
-        (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
-        (dict(mode="async"), "mode must be one of"),
-        (dict(candidates="some"), "candidates must be one of"),
-        (dict(min_batch=-1), "min_batch"),
-        (dict(min_tile_tokens=1.5), "min_tile_tokens"),
-        (dict(local_preference=0.9), "local_preference"),
-        (dict(seed=-1), "seed"),
-        (dict(backend="cuda"), "backend must be one of"),
-        (dict(check_inputs="yes"), "check_inputs"),
-        (dict(prior_tokens=-1), "prior_tokens must be"),
-        (dict(move="some"), "move must be one of"),
-        (dict(mode="dynamic", move="excess"), "needs fixed recorded loads"),
-        (dict(min_tile_tokens=8, move="excess"), "without prior_tokens"),
-        (dict(estimate="batch", move="excess"), "estimate='recorded'"),
-        (dict(estimate="some"), "estimate must be one of"),
-        (dict(estimate="batch", prior_tokens=10), "drop prior_tokens"),
-    ],
-)
-def test_config_knobs_are_validated(knobs, match):
-    with pytest.raises(EplbError, match=match):
-        WaterfillConfig(**knobs)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,11 +50,15 @@ def _moe(load: torch.Tensor) -> torch.Tensor:
     return load[load.sum(1) > 0]
 
 
+def _read(folder: Path, name: str) -> torch.Tensor:
+    return _moe(read_load(folder / name).load)
+
+
 def scenarios(data: Path) -> list[Scenario]:
     sglang = data / "sglang-dsv3-ep-stats"
     mmlu = data / "dsv3-0324-mmlu-expert-counts"
     if sglang.is_dir():
-        read = lambda name: _moe(read_load(sglang / name).load)  # noqa: E731
+        read = partial(_read, sglang)
         return [
             Scenario("SGLang DeepSeek-V3 prefill: fit on in512, rebalance for in4096",
                      read("prefill_in512.json"), read("prefill_in4096.json")),
@@ -61,7 +66,7 @@ def scenarios(data: Path) -> list[Scenario]:
                      read("prefill_in1024.json"), read("prefill_in2000out100.json")),
         ]
     if mmlu.is_dir():
-        read = lambda name: _moe(read_load(mmlu / name).load)  # noqa: E731
+        read = partial(_read, mmlu)
         return [Scenario("DeepSeek-V3-0324 MMLU: fit on 4k chunks, rebalance for 8k chunks",
                          read("config_671B_expert_scores_seqlen_4k.json"),
                          read("config_671B_expert_scores_seqlen_8k.json"))]
@@ -86,7 +91,7 @@ def table(scenario: Scenario, algorithm: str, gpus: int, slots: int, nodes: int,
     rows: list[tuple[str, Placement, float | None]] = []
     for budget in BUDGETS + [slots]:
         label = f"max_moves={budget}" + {0: " (no rebalance)", slots: " (all slots)"}.get(budget, "")
-        rows.append((label, *_timed(lambda: eplb.plan(scenario.new, **spec, current=current, max_moves=budget))))
+        rows.append((label, *_timed(partial(eplb.plan, scenario.new, **spec, current=current, max_moves=budget))))
     rows += [
         ("full replan, as planned", ideal, ideal_ms),
         ("full replan, GPUs keep rank (vLLM)", kept_ranks, None),

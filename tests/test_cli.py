@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from eplb import planning
 from eplb.cli import run
 
 
@@ -54,6 +55,15 @@ def test_compare_with_eval_lists_every_algorithm(stats, tmp_path, capsys):
         assert name in text
 
 
+def test_compare_explains_each_algorithm_under_the_table(stats, capsys):
+    assert run(["compare", stats, "--gpus", "4", "--slots", "20", "-a", "eplb,linear"]) == 0
+    legend = capsys.readouterr().out.split("algorithms:")[1].splitlines()
+    eplb_line = next(line for line in legend if line.split()[:1] == ["eplb"])
+    linear_line = next(line for line in legend if line.split()[:1] == ["linear"])
+    assert planning.get("eplb").summary in eplb_line and "static" not in eplb_line
+    assert planning.get("linear").summary in linear_line and "(static, ignores the load)" in linear_line
+
+
 def test_compare_rejects_mismatched_eval(stats, tmp_path, capsys):
     other = _write_stats(tmp_path, torch.ones(3, 16), "other.json")
     assert run(["compare", stats, "--gpus", "4", "--slots", "16", "--eval", other]) == 2
@@ -71,9 +81,11 @@ def test_compare_rejects_mismatched_eval(stats, tmp_path, capsys):
         (["plan", "STATS"], "--gpus and --slots"),
         (["plan", "missing.json", "--gpus", "4", "--slots", "16"], "missing.json"),
         (["plan", "--bogus"], "bogus"),
-        (["plan", "STATS", "--gpus", "4", "--slots", "16", "-a", "deepseek", "--risk", "2"], "tune the eplb engine"),
+        (["plan", "STATS", "--gpus", "4", "--slots", "16", "-a", "deepseek", "--risk", "2"], "tune the eplb algorithm"),
         (["plan", "STATS", "--gpus", "4", "--slots", "16", "--risk", "-1"], "risk must be"),
         (["plan", "STATS", "--gpus", "4", "--slots", "16", "--max-moves", "2"], "--current"),
+        (["plan", "--gpus", "0"], "num_gpus must be a positive integer, got 0"),  # not the example's 32
+        (["plan", "--nodes", "0"], "num_nodes must be a positive integer, got 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(stats, capsys, argv, needle):
@@ -91,7 +103,7 @@ def test_console_script_exit_code(stats):
     assert proc.stderr.strip().startswith("eplb: error:") and "Traceback" not in proc.stderr
 
 
-def test_plan_with_engine_knobs_and_traffic(stats, capsys):
+def test_plan_with_hedged_knobs_and_traffic(stats, capsys):
     argv = ["plan", stats, "--gpus", "4", "--slots", "20", "--nodes", "2", "--groups", "4", "--topk-groups", "2",
             "--top-k", "4", "-a", "eplb", "--locality", "0.5", "--risk", "0"]
     assert run(argv) == 0
@@ -110,5 +122,5 @@ def test_plan_from_current_within_budget(stats, tmp_path, capsys):
     assert "GB of weights" in capsys.readouterr().out
     before = json.loads(first.read_text())["phy2log"]
     after = json.loads(second.read_text())["phy2log"]
-    changed = [sum(a != b for a, b in zip(row_a, row_b, strict=False)) for row_a, row_b in zip(before, after, strict=False)]
+    changed = [sum(a != b for a, b in zip(old, new, strict=True)) for old, new in zip(before, after, strict=True)]
     assert max(changed) <= 2 and sum(changed) > 0

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.errors import EplbError
-from eplb.metrics import duplicates, evaluate, lower_bound
+from eplb.metrics import duplicates, evaluate, lower_bound, mean_max_over_mean
 from eplb.placement import Placement
 
 
@@ -31,7 +31,7 @@ def brute_lower_bound(load: list[float], num_gpus: int, num_slots: int) -> float
     st.integers(1, 4),
 )
 def test_lower_bound_matches_brute_force(load, redundant, num_gpus):
-    num_slots = len(load) + redundant
+    num_slots = -(-(len(load) + redundant) // num_gpus) * num_gpus  # a cluster's P is a multiple of G
     got = lower_bound(torch.tensor([load], dtype=torch.float64), num_gpus, num_slots)
     assert got.shape == (1,)
     assert got.item() == pytest.approx(brute_lower_bound(load, num_gpus, num_slots), rel=1e-9, abs=1e-12)
@@ -61,9 +61,14 @@ def test_lower_bound_of_an_idle_layer_is_zero():
     assert lower_bound(torch.zeros(1, 4), num_gpus=2, num_slots=6).tolist() == [0.0]
 
 
-@pytest.mark.parametrize(("num_gpus", "num_slots"), [(0, 8), (2, 3)])
-def test_lower_bound_rejects_bad_sizes(num_gpus, num_slots):
-    with pytest.raises(EplbError, match="num_gpus >= 1 and num_slots >= 4.*pass the cluster's"):
+@pytest.mark.parametrize(
+    ("num_gpus", "num_slots", "match"),
+    [(0, 8, "num_gpus must be a positive integer, got 0; pass the cluster's GPU count"),
+     (1, 3, "3 slots cannot hold 4 experts; use at least 4 slots"),
+     (2, 5, "5 slots cannot be split evenly over 2 GPUs; use a multiple of 2, e.g. 6")],
+)
+def test_lower_bound_rejects_bad_sizes(num_gpus, num_slots, match):
+    with pytest.raises(EplbError, match=match):
         lower_bound(torch.ones(2, 4), num_gpus, num_slots)
 
 
@@ -173,3 +178,17 @@ def test_property_bound_never_exceeds_a_placement(num_experts, redundant, num_gp
     assert bool((report.gap >= -1e-12).all())
     assert 0 < report.balancedness.item() <= 1 + 1e-12
     assert report.imbalance.item() == pytest.approx(1 / report.balancedness.item() - 1)
+
+
+def test_mean_max_over_mean_skips_rows_without_load():
+    gpu = torch.tensor([[[4.0, 2.0], [0.0, 0.0]], [[3.0, 3.0], [1.0, 3.0]]])  # [T=2, L=2, G=2]
+    assert mean_max_over_mean(gpu) == pytest.approx((4 / 3 + 1.0 + 1.5) / 3)
+    assert mean_max_over_mean(torch.zeros(2, 3)) == 1.0
+
+
+def test_report_max_over_mean_and_layer_mean():
+    placement = Placement(torch.tensor([[0, 1], [0, 1]]), num_experts=2, num_gpus=2)
+    report = evaluate(placement, torch.tensor([[3.0, 1.0], [0.0, 0.0]]))
+    assert report.max_over_mean.tolist() == [1.5, 1.0]
+    assert report.layer_mean(torch.tensor([2.0, 7.0])) == 2.0  # the dense layer is left out
+    assert report.summary()["max_over_mean"] == 1.5

@@ -178,11 +178,16 @@ def test_expert_without_replica():
 
 def test_experts_missing_counted():
     with pytest.raises(EplbError, match=r"expert 2 of layer 0.*\(4 \(layer, expert\) pairs"):
+        Placement(torch.tensor([[0, 1, 0, 1], [1, 0, 1, 1]]), num_experts=4, num_gpus=1)
+
+
+def test_fewer_slots_than_experts():
+    with pytest.raises(EplbError, match="2 slots cannot hold 4 experts; use at least 4 slots"):
         Placement(torch.tensor([[0, 1], [1, 0]]), num_experts=4, num_gpus=1)
 
 
 def test_slots_not_divisible_by_gpus():
-    with pytest.raises(EplbError, match="6 slots cannot be split evenly over 4 GPUs; use a slot count"):
+    with pytest.raises(EplbError, match="6 slots cannot be split evenly over 4 GPUs; use a multiple of 4, e.g. 8"):
         Placement(torch.tensor(PHY2LOG), num_experts=4, num_gpus=4)
 
 
@@ -194,13 +199,13 @@ def test_gpus_not_divisible_by_nodes():
 @pytest.mark.parametrize("name", ["num_experts", "num_gpus", "num_nodes"])
 def test_non_positive_sizes(name):
     sizes = {"num_experts": 4, "num_gpus": 3, "num_nodes": 1, name: 0}
-    with pytest.raises(EplbError, match=f"{name} must be >= 1, got 0"):
+    with pytest.raises(EplbError, match=f"{name} must be a positive integer, got 0; pass the"):
         Placement(torch.tensor(PHY2LOG), **sizes)
 
 
 @pytest.mark.parametrize("rank", [-1, 3])
 def test_expert_map_rank_out_of_range(small, rank):
-    with pytest.raises(EplbError, match=rf"rank {rank} is outside \[0, 3\)"):
+    with pytest.raises(EplbError, match=rf"rank must be an integer in \[0, 2\], got {rank}; pass a GPU index"):
         small.expert_map(rank)
 
 

@@ -62,9 +62,11 @@ def test_coactivation_estimate():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"top_k": 0}, "top_k"), ({"coactivation": torch.zeros(1, 3, 3)}, "coactivation"),
+    [({"top_k": 0}, "top_k must be a positive integer, got 0; pass"),
+     ({"coactivation": torch.zeros(1, 3, 3)}, "coactivation"),
      ({"coactivation": -torch.ones(1, 2, 2)}, "coactivation"),
-     ({"num_groups": 3, "groups_per_token": 1}, "groups"), ({"num_groups": 2, "groups_per_token": 3}, "groups_per_token")],
+     ({"num_groups": 3, "groups_per_token": 1}, "groups"),
+     ({"num_groups": 2, "groups_per_token": 3}, "groups_per_token must be an integer in \\[1, 2\\], got 3; pass")],
 )
 def test_bad_input(kwargs, match):
     with pytest.raises(EplbError, match=match):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from eplb._version import __version__ as __version__
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate, lower_bound
 from eplb.placement import Placement
@@ -17,8 +18,6 @@ from eplb.planning.deepseek import rebalance_experts
 from eplb.planning.hedged import HedgedConfig
 from eplb.planning.migration import MigrationCost, migration_cost
 from eplb.planning.planner import plan
-
-__version__ = "0.1.0"
 
 # The 0.1.0 name of HedgedConfig, kept so that code written against it still runs.
 EngineConfig = HedgedConfig

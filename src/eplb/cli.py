@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import click
@@ -20,6 +21,8 @@ from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
 from eplb.planning.hedged import HEDGED, HedgedConfig
+from eplb.report.commands import report_command
+from eplb.simulation.commands import simulate_command
 from eplb.traffic import expected_remote_nodes
 
 T = TypeVar("T")
@@ -27,7 +30,8 @@ T = TypeVar("T")
 # The bundled example's cluster: DeepSeek-V3 (top-8 of 256 experts in 8 groups, 4 groups per
 # token) served with EP32 on 4 nodes of 8 GPUs, 32 redundant slots.
 EXAMPLE_SPEC = {"gpus": 32, "slots": 288, "nodes": 4, "groups": 8, "topk_groups": 4}
-ENGINE_FLAGS = "--risk/--half-life/--locality"
+# The knobs of the eplb algorithm (HedgedConfig); other algorithms take none.
+HEDGED_FLAGS = "--risk/--half-life/--locality"
 
 
 def _console(stderr: bool = False) -> Console:
@@ -74,10 +78,11 @@ def _options(fn: Callable[..., T]) -> Callable[..., T]:
         click.option("--top-k", type=int, default=8, show_default=True,
                      help="Experts each token picks (for the cross-node traffic column)."),
         click.option("--topk-groups", type=int, help="Groups each token picks from (DeepSeek-V3: 4)."),
-        click.option("--risk", type=float, help="eplb engine: standard deviations of load shift to plan for (1.0)."),
-        click.option("--half-life", type=float, help="eplb engine: windows after which a window's weight halves (8)."),
+        click.option("--risk", type=float, help="eplb algorithm: standard deviations of load shift to plan for (1.0)."),
+        click.option("--half-life", type=float,
+                     help="eplb algorithm: windows after which a window's weight halves (8)."),
         click.option("--locality", type=float,
-                     help="eplb engine: 0..1, trade balance for less cross-node traffic (0.25)."),
+                     help="eplb algorithm: 0..1, trade balance for less cross-node traffic (0.25)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -89,11 +94,11 @@ def _request(stats: str | None, gpus: int | None, slots: int | None, nodes: int 
              half_life: float | None, locality: float | None) -> Request:
     if stats is None:
         # The bundled example comes with the cluster it was recorded for, unless overridden.
-        gpus = gpus or EXAMPLE_SPEC["gpus"]
-        slots = slots or EXAMPLE_SPEC["slots"]
-        nodes = nodes or EXAMPLE_SPEC["nodes"]
-        groups = groups or EXAMPLE_SPEC["groups"]
-        topk_groups = topk_groups or EXAMPLE_SPEC["topk_groups"]
+        gpus = EXAMPLE_SPEC["gpus"] if gpus is None else gpus
+        slots = EXAMPLE_SPEC["slots"] if slots is None else slots
+        nodes = EXAMPLE_SPEC["nodes"] if nodes is None else nodes
+        groups = EXAMPLE_SPEC["groups"] if groups is None else groups
+        topk_groups = EXAMPLE_SPEC["topk_groups"] if topk_groups is None else topk_groups
         loaded, name = io.read_example(), f"{io.example_path().name} (bundled example)"
     else:
         if gpus is None or slots is None:
@@ -101,7 +106,7 @@ def _request(stats: str | None, gpus: int | None, slots: int | None, nodes: int 
         loaded, name = io.read_load(stats), stats
     knobs = {k: v for k, v in (("risk", risk), ("half_life", half_life), ("locality", locality)) if v is not None}
     config = HedgedConfig(**knobs) if knobs else None
-    return Request(loaded, name, gpus, slots, nodes or 1, groups, top_k, topk_groups, config)
+    return Request(loaded, name, gpus, slots, 1 if nodes is None else nodes, groups, top_k, topk_groups, config)
 
 
 def _timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -112,10 +117,6 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
-
-
-def _mean_over_loaded(values: torch.Tensor, report: BalanceReport) -> float:
-    return float(values[report.loaded].mean()) if bool(report.loaded.any()) else 0.0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,7 +150,7 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
     """Plan replication and placement, print how balanced it is, optionally export it."""
     req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
     if req.config is not None and algorithm not in ("auto", HEDGED.name):
-        raise EplbError(f"{ENGINE_FLAGS} tune the eplb engine, not {algorithm}; drop them or use -a eplb")
+        raise EplbError(f"{HEDGED_FLAGS} tune the eplb algorithm, not {algorithm}; drop them or use -a eplb")
     if max_moves is not None and current is None:
         raise EplbError("--max-moves bounds the change from a placement: pass --current FILE too")
     serving = io.read_placement(current, num_gpus=req.gpus, num_nodes=req.nodes) if current else None
@@ -165,7 +166,7 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
         f"[bold]{placement.algorithm}[/] on {req.stats_name}: {req.gpus} GPUs, {req.slots} slots, {req.nodes} nodes; "
         f"max/mean GPU load {_fmt(summary['max_over_mean'])} (worst layer {_fmt(summary['worst_max_over_mean'])}), "
         f"gap to bound {summary['gap']:.2%}, duplicates {summary['duplicates']}"
-        + (f", remote nodes/token {_mean_over_loaded(traffic, report):.3f}" if traffic is not None else "")
+        + (f", remote nodes/token {report.layer_mean(traffic):.3f}" if traffic is not None else "")
         + f", planned in {seconds * 1e3:.1f} ms"
     )
     if req.stats.dense:
@@ -198,7 +199,7 @@ def _layer_table(req: Request, report: BalanceReport, traffic: torch.Tensor | No
             continue
         cells = [
             str(layer_id),
-            _fmt(1.0 / float(report.balancedness[row])),
+            _fmt(float(report.max_over_mean[row])),
             _fmt(float(report.balancedness[row])),
             f"{float(report.gap[row]):.2%}",
             str(int(report.duplicates[row])),
@@ -247,7 +248,7 @@ def compare(stats: str | None, gpus: int | None, slots: int | None, nodes: int |
         for name in chosen:
             progress.update(task, description=f"planning with {name}")
             try:
-                placement, seconds = _timed(lambda: req.plan(name))
+                placement, seconds = _timed(partial(req.plan, name))
             except EplbError as exc:
                 skipped.append(f"{name}: {exc}")
                 table.add_row(name, "n/a", *[""] * (len(columns) - 2))
@@ -262,15 +263,32 @@ def compare(stats: str | None, gpus: int | None, slots: int | None, nodes: int |
                 cells[3:3] = [_fmt(h["max_over_mean"]), _fmt(h["worst_max_over_mean"])]
             traffic = req.traffic(placement, req.stats.load)
             if traffic is not None:
-                cells.insert(-1, f"{_mean_over_loaded(traffic, report):.3f}")
+                cells.insert(-1, f"{report.layer_mean(traffic):.3f}")
             table.add_row(*cells)
             progress.advance(task)
     console = _console()
     console.print(table)
     console.print("max/mean: max GPU load over mean GPU load, averaged over MoE layers (1.0 is perfect); "
                   "remote nodes/token: distinct other nodes a token's top-k reaches (eplb.traffic).")
+    console.print(_legend(chosen), highlight=False, markup=False)
     for line in skipped:
         console.print(f"n/a {line}", highlight=False, markup=False)
+
+
+def _legend(names: list[str]) -> str:
+    """One line per algorithm: what it is (``Algorithm.summary``), static layouts marked as such."""
+    width = max(map(len, names))
+    lines = []
+    for name in names:
+        algo = planning.get(name)
+        kind = "" if algo.uses_load else "(static, ignores the load) "
+        lines.append(f"  {name:<{width}}  {kind}{algo.summary}")
+    return "\n".join(["algorithms:", *lines])
+
+
+# Commands that live with their wing; registered here so that `eplb --help` lists them.
+main.add_command(simulate_command)
+main.add_command(report_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -22,8 +22,11 @@ def require_count(name: str, value: Any, minimum: int = 1, maximum: int | None =
     """
     if is_count(value, minimum) and (maximum is None or int(value) <= maximum):
         return int(value)
-    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    raise EplbError(f"{name} must be an integer {bound}, got {value!r}" + (f"; {fix}" if fix else ""))
+    if maximum is not None:
+        kind = f"an integer in [{minimum}, {maximum}]"
+    else:
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    raise EplbError(f"{name} must be {kind}, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
 @dataclass(frozen=True)
@@ -51,48 +54,59 @@ class Cluster:
         return self.num_gpus // self.num_nodes
 
 
-def require_groups(spec: Cluster, num_experts: int) -> int:
+def require_groups(cluster: Cluster, num_experts: int) -> int:
     """The group count of a group-aware (hierarchical) policy, validated."""
-    if spec.num_groups is None:
+    if cluster.num_groups is None:
         raise EplbError(
             "hierarchical placement needs the router's expert-group count; pass num_groups "
             "(--groups; DeepSeek-V3 uses 8) or use the global policy"
         )
-    if spec.num_groups % spec.num_nodes != 0:
+    if cluster.num_groups % cluster.num_nodes != 0:
         raise EplbError(
-            f"{spec.num_groups} expert groups cannot be split evenly over {spec.num_nodes} nodes; "
+            f"{cluster.num_groups} expert groups cannot be split evenly over {cluster.num_nodes} nodes; "
             "use a group count that is a multiple of the node count, or the global policy"
         )
-    return spec.num_groups
+    return cluster.num_groups
 
 
-def check_cluster(spec: Cluster, num_experts: int) -> None:
-    """The checks every algorithm shares, for ``num_experts`` logical experts; each error names the fix."""
-    for name in ("num_gpus", "num_slots", "num_nodes"):
-        value = getattr(spec, name)
-        if not is_count(value):
-            raise EplbError(f"{name} must be a positive integer, got {value!r}")
-    if spec.num_slots % spec.num_gpus != 0:
+def check_sizes(num_gpus: Any, num_slots: Any, num_nodes: Any = 1, num_experts: int | None = None) -> None:
+    """The size rules of every cluster, checked in one place: ``G``, ``P`` and ``N`` positive integers,
+    ``P`` a multiple of ``G`` (and ``>= E`` when ``num_experts`` is given), ``G`` a multiple of ``N``.
+
+    Raises one EplbError that names the first broken rule and the fix.
+    """
+    for name, value, what in (("num_gpus", num_gpus, "GPU"), ("num_slots", num_slots, "slot"),
+                              ("num_nodes", num_nodes, "node")):
+        require_count(name, value, fix=f"pass the cluster's {what} count")
+    if num_slots % num_gpus != 0:
         raise EplbError(
-            f"{spec.num_slots} slots cannot be split evenly over {spec.num_gpus} GPUs; "
-            f"use a multiple of {spec.num_gpus}, e.g. {_round_up(max(spec.num_slots, num_experts), spec.num_gpus)}"
+            f"{num_slots} slots cannot be split evenly over {num_gpus} GPUs; "
+            f"use a multiple of {num_gpus}, e.g. {_round_up(max(num_slots, num_experts or 0), num_gpus)}"
         )
-    if spec.num_slots < num_experts:
+    if num_experts is not None and num_slots < num_experts:
         raise EplbError(
-            f"{spec.num_slots} slots cannot hold {num_experts} experts; "
-            f"use at least {_round_up(num_experts, spec.num_gpus)} slots"
+            f"{num_slots} slots cannot hold {num_experts} experts; "
+            f"use at least {_round_up(num_experts, num_gpus)} slots"
         )
-    if spec.num_gpus % spec.num_nodes != 0:
+    if num_gpus % num_nodes != 0:
         raise EplbError(
-            f"{spec.num_gpus} GPUs cannot be split evenly over {spec.num_nodes} nodes; "
+            f"{num_gpus} GPUs cannot be split evenly over {num_nodes} nodes; "
             "use a GPU count that is a multiple of the node count"
         )
-    if spec.num_groups is not None:
-        if not is_count(spec.num_groups):
-            raise EplbError(f"num_groups must be a positive integer or None, got {spec.num_groups!r}")
-        if num_experts % spec.num_groups != 0:
+
+
+def check_cluster(cluster: Cluster, num_experts: int) -> None:
+    """The checks every algorithm shares, for ``num_experts`` logical experts; each error names the fix."""
+    check_sizes(cluster.num_gpus, cluster.num_slots, cluster.num_nodes, num_experts)
+    if cluster.num_groups is not None:
+        if not is_count(cluster.num_groups):
             raise EplbError(
-                f"{num_experts} experts cannot be split into {spec.num_groups} equal groups; "
+                f"num_groups must be a positive integer or None, got {cluster.num_groups!r}; "
+                "pass the router's group count"
+            )
+        if num_experts % cluster.num_groups != 0:
+            raise EplbError(
+                f"{num_experts} experts cannot be split into {cluster.num_groups} equal groups; "
                 "pass the router's real group count (it divides the expert count)"
             )
 

@@ -39,6 +39,11 @@ def as_history(load: Any, what: str = "load") -> torch.Tensor:
     return t if t.ndim == 3 else t.unsqueeze(0)
 
 
+def as_layer_load(load: Any, what: str = "load") -> torch.Tensor:
+    """Validate like :func:`as_history` and return float64 ``[L, E]``: a history summed over its steps."""
+    return as_history(load, what).sum(0)
+
+
 def dense_layers(history: torch.Tensor) -> torch.Tensor:
     """``[L]`` bool: layers with no load in any step (dense layers, e.g. DeepSeek-V3's first 3)."""
     return history.sum(dim=(0, 2)) == 0

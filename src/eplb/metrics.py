@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from eplb.cluster import check_sizes, is_count
 from eplb.errors import EplbError
-from eplb.loads import as_history
+from eplb.loads import as_layer_load
 
 if TYPE_CHECKING:  # Placement computes its GPU loads with gpu_totals below
     from eplb.placement import Placement
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # Placement computes its GPU loads with gpu_totals below
 def gpu_totals(slot_values: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
     """``[..., G]``: per-GPU sums of per-slot values ``[..., P]`` (slot ``p`` lives on GPU ``p // (P / G)``)."""
     num_slots = slot_values.shape[-1]
-    if slots_per_gpu < 1 or num_slots % slots_per_gpu != 0:
+    if not is_count(slots_per_gpu) or num_slots % slots_per_gpu != 0:
         raise EplbError(
             f"{num_slots} slots cannot be split into GPUs of {slots_per_gpu} slots; "
             f"pass slots_per_gpu = P / G, a divisor of {num_slots}"
@@ -36,6 +37,17 @@ def balancedness(gpu_load: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, gpu_load.mean(-1) / torch.where(peak > 0, peak, 1), 1.0)
 
 
+def mean_max_over_mean(gpu_load: torch.Tensor) -> float:
+    """Max / mean of per-GPU loads ``[..., G]``, averaged over the rows with load (``1.0`` if none).
+
+    Over a history ``[T, L, G]`` this is what a run costs: each step waits for its busiest GPU, so
+    every step and layer is scored on its own before averaging.
+    """
+    peak, mean = gpu_load.amax(-1), gpu_load.mean(-1)
+    loaded = peak > 0
+    return float((peak[loaded] / mean[loaded]).mean()) if bool(loaded.any()) else 1.0
+
+
 def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tensor:
     """``[L]``: a lower bound on the max GPU load any placement can reach.
 
@@ -46,14 +58,10 @@ def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tens
     Args:
         load: ``[L, E]`` (or ``[T, L, E]``, summed over ``T``) non-negative loads.
         num_gpus: ``G``.
-        num_slots: ``P >= E``.
+        num_slots: ``P``, a multiple of ``G`` and ``>= E``.
     """
-    load = _as_layer_load(load)
-    if num_gpus < 1 or num_slots < load.shape[1]:
-        raise EplbError(
-            f"lower_bound needs num_gpus >= 1 and num_slots >= {load.shape[1]} (one per expert), "
-            f"got {num_gpus} and {num_slots}; pass the cluster's GPU and slot counts"
-        )
+    load = as_layer_load(load)
+    check_sizes(num_gpus, num_slots, num_experts=load.shape[1])
     lo = torch.zeros(load.shape[0], 1, dtype=torch.float64)
     hi = load.amax(dim=1, keepdim=True)
     for _ in range(64):
@@ -108,24 +116,35 @@ class BalanceReport:
     duplicates: torch.Tensor
     loaded: torch.Tensor
 
+    @property
+    def max_over_mean(self) -> torch.Tensor:
+        """``[L]``: max / mean GPU load, ``1 / balancedness`` (1 is perfect)."""
+        return 1.0 / self.balancedness
+
+    def layer_mean(self, values: torch.Tensor) -> float:
+        """The mean of a per-layer value ``[L]`` over the layers with load (over all, if none has any)."""
+        return float(values[self._scored].mean())
+
+    @property
+    def _scored(self) -> torch.Tensor:
+        return self.loaded if bool(self.loaded.any()) else torch.ones_like(self.loaded)
+
     def summary(self) -> dict[str, float]:
         """Means over loaded layers, plus the worst layer's max/mean and the total duplicates."""
-        sel = self.loaded if bool(self.loaded.any()) else torch.ones_like(self.loaded)
-        max_over_mean = 1.0 / self.balancedness[sel]
         return {
-            "balancedness": float(self.balancedness[sel].mean()),
-            "max_over_mean": float(max_over_mean.mean()),
-            "worst_max_over_mean": float(max_over_mean.max()),
-            "imbalance": float(self.imbalance[sel].mean()),
-            "gap": float(self.gap[sel].mean()),
-            "max_gap": float(self.gap[sel].max()),
+            "balancedness": self.layer_mean(self.balancedness),
+            "max_over_mean": self.layer_mean(self.max_over_mean),
+            "worst_max_over_mean": float(self.max_over_mean[self._scored].max()),
+            "imbalance": self.layer_mean(self.imbalance),
+            "gap": self.layer_mean(self.gap),
+            "max_gap": float(self.gap[self._scored].max()),
             "duplicates": int(self.duplicates.sum()),
         }
 
 
 def evaluate(placement: Placement, load: torch.Tensor) -> BalanceReport:
     """Score ``placement`` on ``load`` (``[L, E]``, or ``[T, L, E]`` summed over ``T``)."""
-    load = _as_layer_load(load)
+    load = as_layer_load(load)
     gpu = placement.gpu_load(load)
     max_load = gpu.amax(dim=1)
     mean_load = gpu.mean(dim=1)
@@ -147,6 +166,3 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, loaded: torch.Tensor, empty: fl
     """``num / den`` on loaded layers, ``empty`` on layers without load."""
     return torch.where(loaded, num / torch.where(loaded, den, 1.0), empty)
 
-
-def _as_layer_load(load: torch.Tensor) -> torch.Tensor:
-    return as_history(load).sum(0)

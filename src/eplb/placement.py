@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from eplb.cluster import check_sizes, require_count
 from eplb.errors import EplbError
 from eplb.metrics import gpu_totals
 
@@ -60,20 +61,8 @@ class Placement:
         m = self.phy2log
         if m.ndim != 2 or m.numel() == 0:
             raise EplbError(f"phy2log must be a non-empty [layers, slots] tensor, got shape {tuple(m.shape)}")
-        num_slots = m.shape[1]
-        for name in ("num_experts", "num_gpus", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise EplbError(f"{name} must be >= 1, got {getattr(self, name)}; pass a positive count")
-        if num_slots % self.num_gpus != 0:
-            raise EplbError(
-                f"{num_slots} slots cannot be split evenly over {self.num_gpus} GPUs; "
-                "use a slot count that is a multiple of the GPU count"
-            )
-        if self.num_gpus % self.num_nodes != 0:
-            raise EplbError(
-                f"{self.num_gpus} GPUs cannot be split evenly over {self.num_nodes} nodes; "
-                "use a GPU count that is a multiple of the node count"
-            )
+        require_count("num_experts", self.num_experts, fix="pass the model's logical expert count")
+        check_sizes(self.num_gpus, m.shape[1], self.num_nodes, self.num_experts)
         if int(m.min()) < EMPTY_SLOT or int(m.max()) >= self.num_experts:
             raise EplbError(
                 f"phy2log holds ids outside [-1, {self.num_experts}) (min {int(m.min())}, max {int(m.max())}); "
@@ -135,7 +124,8 @@ class Placement:
         sorted_expert = key.gather(1, order)
         first = torch.cumsum(self.logcnt, dim=1) - self.logcnt
         held = sorted_expert < self.num_experts
-        rank = torch.arange(self.num_slots).expand_as(order) - first.gather(1, sorted_expert.clamp(max=self.num_experts - 1))
+        first_of_slot = first.gather(1, sorted_expert.clamp(max=self.num_experts - 1))
+        rank = torch.arange(self.num_slots).expand_as(order) - first_of_slot
         out = torch.full((self.num_layers, self.num_experts * width + 1), EMPTY_SLOT, dtype=torch.int64)
         dest = torch.where(held, sorted_expert * width + rank, self.num_experts * width)
         out.scatter_(1, dest, torch.where(held, order, EMPTY_SLOT))
@@ -149,8 +139,7 @@ class Placement:
         :meth:`local_experts` lists every local slot). Both come from ``phy2log``, so loading and
         routing agree by construction.
         """
-        if not 0 <= rank < self.num_gpus:
-            raise EplbError(f"rank {rank} is outside [0, {self.num_gpus}); pass a GPU index of this placement")
+        require_count("rank", rank, 0, self.num_gpus - 1, fix="pass a GPU index of this placement")
         local = self.local_experts(rank)
         s = self.slots_per_gpu
         out = torch.full((self.num_layers, self.num_experts + 1), s, dtype=torch.int64)
@@ -238,3 +227,13 @@ class Placement:
             f"Placement(layers={self.num_layers}, experts={self.num_experts}, slots={self.num_slots}, "
             f"gpus={self.num_gpus}, nodes={self.num_nodes}, algorithm={self.algorithm!r})"
         )
+
+
+def check_same_shape(current: Placement, new: Placement) -> None:
+    """Raise EplbError unless the two placements are for the same model and cluster."""
+    for name in ("num_layers", "num_experts", "num_slots", "num_gpus", "num_nodes"):
+        a, b = getattr(current, name), getattr(new, name)
+        if a != b:
+            raise EplbError(
+                f"the placements differ in {name} ({a} vs {b}); compare placements of the same model and cluster"
+            )

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from eplb.cluster import is_count, require_count
 from eplb.errors import EplbError
-from eplb.loads import as_history
+from eplb.loads import as_layer_load
 from eplb.placement import Placement
 
 
@@ -70,15 +71,13 @@ def expected_remote_nodes(
         float64 ``[L]``, between 0 (every pick served locally) and ``min(N - 1, top_k)``;
         zero for layers without load.
     """
-    history = as_history(load)
-    layer_load = history.sum(0)
+    layer_load = as_layer_load(load)
     if layer_load.shape != (placement.num_layers, placement.num_experts):
         raise EplbError(
             f"load has shape {tuple(layer_load.shape)} but the placement is for {placement.num_layers} layers x "
             f"{placement.num_experts} experts; pass the load the placement was planned for"
         )
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise EplbError(f"top_k must be a positive integer (picks per token), got {top_k!r}")
+    top_k = require_count("top_k", top_k, fix="pass the experts each token picks (DeepSeek-V3: 8)")
     total = layer_load.sum(-1, keepdim=True)
     share = layer_load / torch.where(total > 0, total, 1.0)  # [L, E]
     route = remote_share(placement)  # [L, E, n, m]
@@ -97,12 +96,12 @@ def _touched_grouped(route: torch.Tensor, share: torch.Tensor, top_k: int, num_g
                      groups_per_token: int) -> torch.Tensor:
     """``[L, n, m]``: P(node m is touched) when picks are drawn within ``groups_per_token`` groups."""
     num_layers, num_experts = share.shape
-    if not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
+    if not is_count(num_groups) or num_experts % num_groups:
         raise EplbError(
             f"{num_experts} experts cannot be split into {num_groups!r} equal groups; pass the router's group count"
         )
-    if not isinstance(groups_per_token, int) or not 1 <= groups_per_token <= num_groups:
-        raise EplbError(f"groups_per_token must be an integer in [1, {num_groups}], got {groups_per_token!r}")
+    groups_per_token = require_count("groups_per_token", groups_per_token, 1, num_groups,
+                                     fix="pass the groups each token picks from (DeepSeek-V3: 4)")
     group_share = share.view(num_layers, num_groups, -1)
     weight = group_share.sum(-1)  # [L, g]
     inside = group_share / weight.clamp(min=1e-300).unsqueeze(-1)  # pick probabilities within a group

@@ -1,4 +1,4 @@
-"""Recorder dumps: eplb and SGLang formats, round trips, and feeding the planner."""
+"""Recorder dumps: eplb and SGLang formats, written by eplb.io.dumps and read back by eplb.io.read_load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from eplb import EplbError, ExpertLoadRecorder, Placement, plan
-from eplb.io.dumps import load_dump, save_sglang
+from eplb.io import read_load
+from eplb.io.dumps import save_sglang
 
 
 @pytest.fixture
@@ -27,25 +28,25 @@ def recorded() -> tuple[ExpertLoadRecorder, Placement]:
 def test_eplb_dump_round_trips_the_window_and_metadata(tmp_path: Path, recorded) -> None:
     rec, placement = recorded
     rec.dump(tmp_path / "load.pt", phy2log=placement, rank=3)
-    got = load_dump(tmp_path / "load.pt")
-    assert got.source == "eplb"
-    assert torch.equal(got.physical_count, rec.loads())
-    assert torch.equal(got.phy2log, placement.phy2log)
-    assert torch.equal(got.history(), rec.logical_loads(placement))
-    assert torch.equal(got.decayed, rec.decayed)
-    assert got.meta["steps"] == 5 and got.meta["window"] == 3 and got.meta["rank"] == 3
-    assert got.meta["decay"] == 0.95
+    got = read_load(tmp_path / "load.pt")
+    assert torch.equal(got.load, rec.logical_loads(placement).double())
+    assert got.metadata["steps"] == 5 and got.metadata["window"] == 3 and got.metadata["rank"] == 3
+    assert got.metadata["decay"] == 0.95 and got.metadata["format"] == "eplb.expert_load"
+    raw = torch.load(tmp_path / "load.pt", weights_only=True)  # what read_load does not return
+    assert torch.equal(raw["physical_count"], rec.loads())
+    assert torch.equal(raw["phy2log"], placement.phy2log)
+    assert torch.equal(raw["decayed"], rec.decayed)
     assert not list(tmp_path.glob("*.tmp")), "the atomic write leaves no temp file"
 
 
 def test_eplb_dump_without_placement_holds_slot_loads_only(tmp_path: Path, recorded) -> None:
     rec, _ = recorded
     rec.dump(tmp_path / "load.pt")
-    got = load_dump(tmp_path / "load.pt")
-    assert got.logical_count is None and got.phy2log is None
-    assert torch.equal(got.physical_count, rec.loads())
-    with pytest.raises(EplbError, match="phy2log"):
-        got.history()
+    raw = torch.load(tmp_path / "load.pt", weights_only=True)
+    assert "logical_count" not in raw and "phy2log" not in raw
+    assert torch.equal(raw["physical_count"], rec.loads())
+    with pytest.raises(EplbError, match="slot loads only.*phy2log"):
+        read_load(tmp_path / "load.pt")
 
 
 def test_sglang_dump_has_sglang_keys_and_reads_back(tmp_path: Path, recorded) -> None:
@@ -54,8 +55,8 @@ def test_sglang_dump_has_sglang_keys_and_reads_back(tmp_path: Path, recorded) ->
     raw = torch.load(tmp_path / "sg.pt", weights_only=True)  # how SGLang reads it
     assert set(raw) == {"rank", "logical_count", "average_utilization_rate_over_window"}
     assert raw["logical_count"].dtype == torch.int32 and raw["logical_count"].shape == (3, 2, 4)
-    got = load_dump(tmp_path / "sg.pt")
-    assert got.source == "sglang" and torch.equal(got.history(), rec.logical_loads(placement))
+    got = read_load(tmp_path / "sg.pt")
+    assert got.source == "sglang" and torch.equal(got.load, rec.logical_loads(placement).double())
     with pytest.raises(EplbError, match="pass phy2log"):
         rec.dump(tmp_path / "x.pt", fmt="sglang")
     with pytest.raises(EplbError, match="ends? in .pt"):
@@ -74,7 +75,7 @@ def test_eplb_dump_is_also_an_sglang_init_expert_location(tmp_path: Path, record
 def test_dumped_history_feeds_the_planner(tmp_path: Path, recorded) -> None:
     rec, placement = recorded
     rec.dump(tmp_path / "load.pt", phy2log=placement)
-    new = plan(load_dump(tmp_path / "load.pt").history(), num_gpus=2, num_slots=6)
+    new = plan(read_load(tmp_path / "load.pt").load, num_gpus=2, num_slots=6)
     assert new.num_experts == 4 and new.num_slots == 6
 
 
@@ -82,22 +83,25 @@ def test_real_sglang_statistics_round_trip(tmp_path: Path, real_data: Path) -> N
     src = real_data / "sglang-dsv3-ep-stats" / "prefill_in4096.json"
     count = torch.tensor(json.loads(src.read_text())["logical_count"], dtype=torch.int32)
     save_sglang(tmp_path / "dsv3.pt", count)
-    got = load_dump(tmp_path / "dsv3.pt")
-    assert got.history().shape == (1, 61, 256) and torch.equal(got.history()[0], count)
+    got = read_load(tmp_path / "dsv3.pt")
+    assert got.load.shape == (1, 61, 256) and torch.equal(got.load[0], count.double())
 
 
-def test_load_dump_rejects_what_it_cannot_read(tmp_path: Path) -> None:
-    with pytest.raises(EplbError, match="no dump at"):
-        load_dump(tmp_path / "missing.pt")
+def test_read_load_rejects_dumps_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(EplbError, match="does not exist"):
+        read_load(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(EplbError, match="not a readable torch dump"):
-        load_dump(tmp_path / "junk.pt")
+    with pytest.raises(EplbError, match="cannot read .* as a torch file"):
+        read_load(tmp_path / "junk.pt")
     torch.save({"records": []}, tmp_path / "detail.pt")
     with pytest.raises(EplbError, match="mode stat"):
-        load_dump(tmp_path / "detail.pt")
-    torch.save({"format": "eplb.expert_load", "version": 99}, tmp_path / "future.pt")
-    with pytest.raises(EplbError, match="version 99"):
-        load_dump(tmp_path / "future.pt")
+        read_load(tmp_path / "detail.pt")
+    torch.save({"format": "eplb.expert_load", "version": 99, "logical_count": torch.ones(1, 2, 4)}, tmp_path / "f.pt")
+    with pytest.raises(EplbError, match="eplb dump version 99, this eplb reads version 1; upgrade eplb"):
+        read_load(tmp_path / "f.pt")
+    torch.save({"format": "eplb.expert_load", "version": 1, "steps": 3}, tmp_path / "cut.pt")
+    with pytest.raises(EplbError, match="lacks physical_count; it is truncated"):
+        read_load(tmp_path / "cut.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(EplbError, match="not a dump dict"):
-        load_dump(tmp_path / "tensor.pt")
+    with pytest.raises(EplbError, match="1 dimensions"):
+        read_load(tmp_path / "tensor.pt")

@@ -188,7 +188,7 @@ def _write(path: Path, text: str) -> Path:
         ("init.json", {"physical_to_logical_map": [[0, 1]]}, {}, "does not record the GPU count; pass num_gpus"),
         ("init.json", {"physical_to_logical_map": [[0, -1]]}, {"num_gpus": 1}, "negative expert ids"),
         ("init.json", {"physical_to_logical_map": [[0, 1], [0]]}, {"num_gpus": 1}, "not a \\[layers, slots\\] table"),
-        ("init.json", {"physical_to_logical_map": [[0, 2]]}, {"num_gpus": 1}, "no replica"),
+        ("init.json", {"physical_to_logical_map": [[0, 2, 2]]}, {"num_gpus": 1}, "no replica"),
         ("stats.json", {"logical_count": [[1, 2]]}, {}, "read it with eplb.io.read_load"),
         ("other.json", {"hello": 1}, {}, "not a placement file \\(found hello\\)"),
         ("other.json", [[0, 1]], {}, "not a placement file \\(found list\\)"),

@@ -1,4 +1,4 @@
-"""The eplb engine: valid, duplicate-free, at least as tight as deepseek in sample, node-aware."""
+"""The hedged plan (algorithm "eplb"): valid, duplicate-free, at least as tight as deepseek in sample, node-aware."""
 
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ SPECS = [  # (experts, gpus, slots, nodes, groups)
 ]
 
 
-def _placement(load: torch.Tensor, spec: Cluster, config: HedgedConfig = HedgedConfig()) -> Placement:
+def _placement(load: torch.Tensor, spec: Cluster, config: HedgedConfig | None = None) -> Placement:
     history = load if load.ndim == 3 else load.unsqueeze(0)
-    return Placement(plan_hedged(history, spec, config), history.shape[-1], spec.num_gpus, spec.num_nodes)
+    phy2log = plan_hedged(history, spec, config or HedgedConfig())
+    return Placement(phy2log, history.shape[-1], spec.num_gpus, spec.num_nodes)
 
 
 @pytest.mark.parametrize("experts,gpus,slots,nodes,groups", SPECS)

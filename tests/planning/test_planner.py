@@ -58,7 +58,8 @@ def check_plan(placement: Placement, spec: Cluster, num_layers: int, num_experts
         ({"num_gpus": 3, "num_slots": 10}, "10 slots cannot be split evenly over 3 GPUs; use a multiple of 3, e.g. 12"),
         ({"num_gpus": 4, "num_slots": 6}, "6 slots cannot be split evenly over 4 GPUs; use a multiple of 4, e.g. 8"),
         ({"num_gpus": 2, "num_slots": 6}, "6 slots cannot hold 8 experts; use at least 8 slots"),
-        ({"num_gpus": 4, "num_slots": 8, "num_nodes": 3}, "4 GPUs cannot be split evenly over 3 nodes; use a GPU count"),
+        ({"num_gpus": 4, "num_slots": 8, "num_nodes": 3},
+         "4 GPUs cannot be split evenly over 3 nodes; use a GPU count"),
         ({"num_gpus": 2, "num_slots": 8, "num_groups": 3}, "8 experts cannot be split into 3 equal groups; pass"),
     ],
 )

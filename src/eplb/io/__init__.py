@@ -5,6 +5,7 @@ and the bundled example loads.
   torch and safetensors files (``eplb.io.loads`` lists the layouts);
 - ``write_placement(placement, path, format)`` / ``read_placement(path)``: eplb's own JSON, SGLang
   ``--init-expert-location``, TensorRT-LLM load-balancer YAML, vLLM map (``eplb.io.placements``);
+- ``eplb.io.dumps``: the recorder's dump writers (eplb's own and SGLang's), read back by ``read_load``;
 - ``example_path()`` / ``read_example()``: real DeepSeek-V3 and OLMoE loads shipped with eplb;
 - ``atomic_write``: how every file is written (a reader never sees half of one).
 """

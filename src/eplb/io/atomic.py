@@ -13,8 +13,11 @@ from pathlib import Path
 
 from eplb.errors import EplbError
 
+# What every eplb.io function takes as a file name.
+PathLike = str | os.PathLike
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+
+def atomic_write(path: PathLike, data: bytes | str) -> Path:
     """Replace ``path`` with ``data`` atomically and durably; return the path written.
 
     Args:

@@ -1,7 +1,7 @@
-"""Recorder dumps: eplb's own ``.pt`` format and SGLang's expert-distribution dump.
+"""Writers of recorder dumps: eplb's own ``.pt`` format and SGLang's expert-distribution dump.
 
 Both are ``torch.save`` dicts of CPU tensors and plain values, readable with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``; ``eplb.io.read_load`` reads their logical loads back.
 
 - eplb (``format == "eplb.expert_load"``): ``physical_count [T, L, P]`` (oldest step first),
   ``phy2log [L, P]`` and ``logical_count [T, L, E]`` when the placement was given, ``decayed``
@@ -16,52 +16,17 @@ Both are ``torch.save`` dicts of CPU tensors and plain values, readable with
 from __future__ import annotations
 
 import io
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from eplb.errors import EplbError
-from eplb.io.atomic import atomic_write
+from eplb.io.atomic import PathLike, atomic_write
 
-EPLB_FORMAT = "eplb.expert_load"
-EPLB_FORMAT_VERSION = 1
-
-PathLike = Union[str, os.PathLike]
-
-
-@dataclass(frozen=True)
-class LoadDump:
-    """What a dump holds; tensors are on the CPU.
-
-    Attributes:
-        source: ``"eplb"`` or ``"sglang"``.
-        logical_count: ``[T, L, E]`` per-step logical expert loads (what ``eplb.plan`` takes),
-            or None for an eplb dump written without a placement.
-        physical_count: ``[T, L, P]`` per-step slot loads (eplb dumps only).
-        phy2log: ``[L, P]`` the placement live while recording (eplb dumps written with one).
-        decayed: ``[L, P]`` float32 decayed slot loads (eplb dumps of a recorder with ``decay``).
-        meta: the remaining plain values (sizes, step count, rank, ...).
-    """
-
-    source: str
-    logical_count: torch.Tensor | None
-    physical_count: torch.Tensor | None = None
-    phy2log: torch.Tensor | None = None
-    decayed: torch.Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def history(self) -> torch.Tensor:
-        """``[T, L, E]`` logical loads for ``eplb.plan``; raises EplbError when the dump has none."""
-        if self.logical_count is None:
-            raise EplbError(
-                "this dump holds slot loads only (it was written without phy2log); "
-                "convert physical_count with eplb.runtime.recorder.to_logical(dump.physical_count, phy2log) "
-                "or dump again with phy2log="
-            )
-        return self.logical_count
+# The format key and version of an eplb dump (read_load checks them).
+DUMP_FORMAT = "eplb.expert_load"
+DUMP_VERSION = 1
 
 
 def save_eplb(
@@ -89,8 +54,8 @@ def save_eplb(
         )
     data: dict[str, Any] = {
         **(meta or {}),
-        "format": EPLB_FORMAT,
-        "version": EPLB_FORMAT_VERSION,
+        "format": DUMP_FORMAT,
+        "version": DUMP_VERSION,
         "physical_count": _cpu(physical_count),
     }
     for key, value in (("phy2log", phy2log), ("logical_count", logical_count), ("decayed", decayed)):
@@ -125,54 +90,6 @@ def save_sglang(
         "average_utilization_rate_over_window": utilization,
     }
     return _save(path, data)
-
-
-def load_dump(path: PathLike) -> LoadDump:
-    """Read an eplb or SGLang dump (see the module doc); raises EplbError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise EplbError(f"no dump at {path}; pass the .pt file the recorder (or SGLang) wrote")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file that is not a torch dump
-        raise EplbError(f"{path} is not a readable torch dump ({exc}); pass a file written by torch.save") from None
-    if not isinstance(data, dict):
-        raise EplbError(f"{path} holds a {type(data).__name__}, not a dump dict; pass a recorder dump")
-    if data.get("format") == EPLB_FORMAT:
-        return _eplb_dump(path, data)
-    if "logical_count" in data:
-        count = torch.as_tensor(data["logical_count"])
-        count = count if count.ndim == 3 else count.unsqueeze(0)
-        _check_ndim(path, "logical_count", count, 3)
-        meta = {k: v for k, v in data.items() if k != "logical_count"}
-        return LoadDump(source="sglang", logical_count=count, meta=meta)
-    if "records" in data:
-        raise EplbError(
-            f"{path} is an SGLang per-pass/per-token dump; record with "
-            "--expert-distribution-recorder-mode stat, whose dump holds logical_count"
-        )
-    raise EplbError(f"{path} has neither eplb's format key nor SGLang's logical_count; pass a recorder dump")
-
-
-def _eplb_dump(path: Path, data: dict[str, Any]) -> LoadDump:
-    if data.get("version") != EPLB_FORMAT_VERSION:
-        raise EplbError(
-            f"{path} is eplb dump version {data.get('version')}, this eplb reads version {EPLB_FORMAT_VERSION}; "
-            "upgrade eplb or dump again"
-        )
-    if "physical_count" not in data:
-        raise EplbError(f"{path} lacks physical_count; it is truncated or not written by eplb, dump again")
-    tensors = {key: data.pop(key, None) for key in ("physical_count", "phy2log", "logical_count", "decayed")}
-    _check_ndim(path, "physical_count", tensors["physical_count"], 3)
-    if tensors["logical_count"] is not None:
-        _check_ndim(path, "logical_count", tensors["logical_count"], 3)
-    return LoadDump(source="eplb", meta=data, **tensors)
-
-
-def _check_ndim(path: Path, key: str, value: Any, ndim: int) -> None:
-    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise EplbError(f"{path}: {key} is {shape}, expected a {ndim}-d tensor; the file is damaged, dump again")
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

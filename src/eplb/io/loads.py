@@ -6,7 +6,8 @@ content), then by what the file holds. ``LoadFile.source`` names the layout foun
 - ``sglang``: SGLang's expert-distribution recorder dump, ``{"logical_count": [T, L, E] or [L, E], ...}``
   as ``.pt`` (``--expert-distribution-recorder-mode stat``) or JSON (the statistics form of
   ``--init-expert-location``). One row per model layer, dense layers all zero. eplb's own recorder
-  dumps (``eplb.runtime.recorder.save_eplb``) carry their loads under the same key and read the same way.
+  dumps (``eplb.io.dumps.save_eplb``) carry their loads under the same key and read the same way; their
+  format version is checked.
 - ``trtllm``: TensorRT-LLM expert statistics, one ``[E]`` tensor per ``"{iteration}_{layer}"`` key
   (``rank*.safetensors`` of ``EXPERT_STATISTIC_PATH``); a folder of them is summed over ranks.
 - ``layers``: ``{"layer_3": {"activations": [E], ...}, ...}`` (DeepSeek-V3 MMLU counts); layers without
@@ -35,7 +36,9 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
+from eplb.io.atomic import PathLike
 from eplb.io.decode import LOADERS, load_safetensors, sniff
+from eplb.io.dumps import DUMP_FORMAT, DUMP_VERSION
 from eplb.loads import as_history, dense_layers
 
 # Keys taken as the load when a dict or archive holds several entries and none is selected.
@@ -90,7 +93,7 @@ class _Parsed:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_load(path: str | os.PathLike, *, domain: str | None = None) -> LoadFile:
+def read_load(path: PathLike, *, domain: str | None = None) -> LoadFile:
     """Read recorded expert loads from a statistics file (or a TensorRT-LLM statistics folder).
 
     Args:
@@ -134,7 +137,7 @@ def read_load(path: str | os.PathLike, *, domain: str | None = None) -> LoadFile
     )
 
 
-def _split_part(path: str | os.PathLike, domain: str | None) -> tuple[Path, str | None]:
+def _split_part(path: PathLike, domain: str | None) -> tuple[Path, str | None]:
     text = os.fspath(path)
     if "#" not in text or Path(text).exists():
         return Path(text), domain
@@ -172,6 +175,8 @@ def _from_data(data: Any, file: Path, part: str | None) -> _Parsed:
 
 def _from_mapping(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     keys = [str(k) for k in data]
+    if isinstance(data.get("format"), str) and data["format"] == DUMP_FORMAT:
+        _check_dump(data, file)
     if "logical_count" in data:
         return _sglang(data, file, part)
     if "domains" in data:
@@ -193,6 +198,17 @@ def _from_mapping(data: Mapping[str, Any], file: Path, part: str | None) -> _Par
             "whose dump holds logical_count"
         )
     return _entry(data, file, part)
+
+
+def _check_dump(data: Mapping[str, Any], file: Path) -> None:
+    """What the keys of an eplb recorder dump do not say: its version, and whether it is whole."""
+    if data.get("version") != DUMP_VERSION:
+        raise EplbError(
+            f"{file} is eplb dump version {data.get('version')}, this eplb reads version {DUMP_VERSION}; "
+            "upgrade eplb or dump again"
+        )
+    if "logical_count" not in data and "physical_count" not in data:
+        raise EplbError(f"{file} lacks physical_count; it is truncated or not written by eplb, dump again")
 
 
 def _no_part(part: str | None, file: Path) -> None:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-import eplb
+from eplb._version import __version__
 from eplb.errors import EplbError
-from eplb.io.atomic import atomic_write
+from eplb.io.atomic import PathLike, atomic_write
 from eplb.io.decode import import_yaml, load_json, load_torch, load_yaml, require_file
 from eplb.placement import EMPTY_SLOT, Placement
 
@@ -48,8 +48,6 @@ _SUFFIX_FORMAT = {".json": "eplb", ".pt": "sglang", ".yaml": "trtllm", ".yml": "
 _SGLANG_KEY = "physical_to_logical_map"
 _TRTLLM_KEYS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
 _VLLM_KEYS = ("num_layers", "num_physical_experts", "num_logical_experts", "ep_size", "layer_ids", _SGLANG_KEY)
-
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +184,7 @@ def _encode_eplb(placement: Placement, path: Path, ids: list[int], metadata: dic
     phy2log = body.pop("phy2log")
     return _dump_json({
         "format": EPLB_FORMAT,
-        "eplb_version": eplb.__version__,
+        "eplb_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **body,
         "layer_ids": ids,

@@ -11,11 +11,11 @@ from eplb.cluster import Cluster
 
 # load [T, L, E] float64 (non-negative, every layer with some load) -> phy2log [L, P] int64
 PlanFn = Callable[[torch.Tensor, Cluster], torch.Tensor]
-# Raises EplbError when the algorithm cannot serve this spec for E experts.
+# Raises EplbError when the algorithm cannot serve this cluster for E experts.
 CheckFn = Callable[[Cluster, int], None]
 
 
-def _no_check(spec: Cluster, num_experts: int) -> None:
+def _no_check(cluster: Cluster, num_experts: int) -> None:
     return None
 
 
@@ -26,9 +26,9 @@ class Algorithm:
     Attributes:
         name: the name users pass as ``algorithm=``.
         fn: the pure planning function (see ``PlanFn``).
-        summary: one line for ``eplb compare`` and the docs.
-        uses_load: False for static layouts that ignore the load.
-        check: extra validation of the spec beyond the common checks.
+        summary: what it is, in one line (``eplb compare`` lists it under its table).
+        uses_load: False for static layouts that ignore the load (``eplb compare`` marks them).
+        check: extra validation of the cluster beyond the common checks.
         config_type: the dataclass of the algorithm's knobs, if it has any; ``fn`` then also
             takes ``config=`` (``eplb.plan(..., config=...)`` passes it through).
     """

@@ -208,39 +208,39 @@ def as_float32(layer_load: torch.Tensor) -> np.ndarray:
     return layer_load.to(torch.float32).numpy()
 
 
-def deepseek_global(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def deepseek_global(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """The global policy on the load summed over steps.
 
     Args:
         load: ``[T, L, E]`` float64 load history.
-        spec: the cluster.
+        cluster: the GPUs, slots and nodes.
 
     Returns:
         phy2log ``[L, P]`` int64.
     """
-    phy2log, _, _ = rebalance_hierarchical(as_float32(load.sum(0)), spec.num_slots, 1, 1, spec.num_gpus)
+    phy2log, _, _ = rebalance_hierarchical(as_float32(load.sum(0)), cluster.num_slots, 1, 1, cluster.num_gpus)
     return torch.from_numpy(phy2log)
 
 
-def deepseek_hierarchical(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def deepseek_hierarchical(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """The hierarchical policy on the load summed over steps.
 
     Args:
         load: ``[T, L, E]`` float64 load history.
-        spec: the cluster; ``num_groups`` set and a multiple of ``num_nodes``.
+        cluster: GPUs, slots and nodes; ``num_groups`` set and a multiple of ``num_nodes``.
 
     Returns:
         phy2log ``[L, P]`` int64.
     """
     phy2log, _, _ = rebalance_hierarchical(
-        as_float32(load.sum(0)), spec.num_slots, spec.num_groups, spec.num_nodes, spec.num_gpus
+        as_float32(load.sum(0)), cluster.num_slots, cluster.num_groups, cluster.num_nodes, cluster.num_gpus
     )
     return torch.from_numpy(phy2log)
 
 
-def check_hierarchical(spec: Cluster, num_experts: int) -> None:
+def check_hierarchical(cluster: Cluster, num_experts: int) -> None:
     """The hierarchical policies need the group count, a multiple of the node count."""
-    require_groups(spec, num_experts)
+    require_groups(cluster, num_experts)
 
 
 def rebalance_experts(

@@ -15,7 +15,7 @@ import torch
 from eplb.cluster import require_count
 from eplb.errors import EplbError
 from eplb.loads import as_history
-from eplb.metrics import balancedness
+from eplb.metrics import mean_max_over_mean
 from eplb.placement import Placement
 from eplb.planning.planner import plan
 
@@ -77,9 +77,7 @@ class Decision:
 def predicted_max_over_mean(placement: Placement, history: torch.Tensor) -> float:
     """Max/mean GPU load of ``placement`` on each step of ``history [T, L, E]``, averaged over steps and
     loaded layers: a step waits for its busiest GPU, so every step is scored on its own."""
-    score = balancedness(placement.gpu_load(history))  # [T, L]
-    loaded = history.sum(-1) > 0
-    return float((1.0 / score[loaded]).mean()) if bool(loaded.any()) else 1.0
+    return mean_max_over_mean(placement.gpu_load(history))  # gpu_load: [T, L, G]
 
 
 def decide(history: torch.Tensor, current: Placement, config: OnlineConfig = OnlineConfig()) -> Decision:

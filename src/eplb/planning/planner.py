@@ -9,6 +9,7 @@ import torch
 from eplb.cluster import Cluster, check_cluster
 from eplb.errors import EplbError
 from eplb.loads import as_history, dense_layers
+from eplb.metrics import mean_max_over_mean
 from eplb.placement import Placement
 from eplb.planning import migration, registry
 from eplb.planning.algorithm import Algorithm
@@ -37,7 +38,7 @@ def plan(
         num_nodes: ``N``, nodes; a divisor of ``G``.
         num_groups: the router's expert groups (needed by the hierarchical policies).
         algorithm: a name from ``eplb.planning.names()``, or ``"auto"``: every candidate that
-            supports the spec is run and the one with the lowest max/mean GPU load on ``load``
+            supports the cluster is run and the one with the lowest max/mean GPU load on ``load``
             wins, averaged over layers and over the steps of a history (a step waits for its
             slowest GPU, so each step is scored on its own); ties go to the earlier candidate
             in ``eplb.planning.AUTO_ORDER``.
@@ -56,24 +57,24 @@ def plan(
         A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
     """
     history = as_history(load)
-    spec = Cluster(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
+    cluster = Cluster(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
     num_experts = history.shape[-1]
-    check_cluster(spec, num_experts)
+    check_cluster(cluster, num_experts)
     if current is not None:
-        migration.check_current(current, spec, num_layers=history.shape[1], num_experts=num_experts)
+        migration.check_current(current, cluster, num_layers=history.shape[1], num_experts=num_experts)
     max_moves = migration.check_max_moves(max_moves, current)
     filled = _fill_dense_layers(history)
     if algorithm == "auto":
-        target = _plan_auto(filled, spec, config)
+        target = _plan_auto(filled, cluster, config)
     else:
         algo = registry.get(algorithm)
-        algo.check(spec, num_experts)
+        algo.check(cluster, num_experts)
         if config is not None and not _takes(algo, config):
             raise EplbError(
                 f"algorithm {algo.name!r} takes no {type(config).__name__}; pass config only with "
                 f"the algorithm it belongs to ({_owners(config)})"
             )
-        target = _run(algo, filled, spec, config)
+        target = _run(algo, filled, cluster, config)
     if current is None:
         return target
     return migration.migrate(current, target, history, max_moves)
@@ -96,21 +97,18 @@ def _owners(config: Any) -> str:
     return ", ".join(owners) or "none"
 
 
-def _run(algo: Algorithm, history: torch.Tensor, spec: Cluster, config: Any = None) -> Placement:
-    phy2log = algo.fn(history, spec) if config is None else algo.fn(history, spec, config=config)
-    return Placement(phy2log, num_experts=history.shape[-1], num_gpus=spec.num_gpus,
-                     num_nodes=spec.num_nodes, algorithm=algo.name)
+def _run(algo: Algorithm, history: torch.Tensor, cluster: Cluster, config: Any = None) -> Placement:
+    phy2log = algo.fn(history, cluster) if config is None else algo.fn(history, cluster, config=config)
+    return Placement(phy2log, num_experts=history.shape[-1], num_gpus=cluster.num_gpus,
+                     num_nodes=cluster.num_nodes, algorithm=algo.name)
 
 
 def auto_score(placement: Placement, history: torch.Tensor) -> float:
     """What ``algorithm="auto"`` minimises: max/mean GPU load averaged over loaded layers and steps."""
-    gpu = placement.gpu_load(history)  # [T, L, G]
-    peak, mean = gpu.amax(-1), gpu.mean(-1)
-    loaded = peak > 0
-    return float((peak[loaded] / mean[loaded]).mean()) if bool(loaded.any()) else 1.0
+    return mean_max_over_mean(placement.gpu_load(history))  # gpu_load: [T, L, G]
 
 
-def _plan_auto(history: torch.Tensor, spec: Cluster, config: Any) -> Placement:
+def _plan_auto(history: torch.Tensor, cluster: Cluster, config: Any) -> Placement:
     if config is not None and not any(_takes(registry.get(n), config) for n in registry.AUTO_ORDER):
         raise EplbError(
             f"no candidate of algorithm='auto' takes a {type(config).__name__}; name its algorithm "
@@ -121,12 +119,12 @@ def _plan_auto(history: torch.Tensor, spec: Cluster, config: Any) -> Placement:
     for name in registry.AUTO_ORDER:
         algo = registry.get(name)
         try:
-            algo.check(spec, history.shape[-1])
+            algo.check(cluster, history.shape[-1])
         except EplbError:
             continue
-        candidate = _run(algo, history, spec, config if _takes(algo, config) else None)
+        candidate = _run(algo, history, cluster, config if _takes(algo, config) else None)
         score = auto_score(candidate, history)
         if score < best_score:
             best, best_score = candidate, score
-    assert best is not None, "the global deepseek policy supports every valid spec"
+    assert best is not None, "the global deepseek policy supports every valid cluster"
     return best

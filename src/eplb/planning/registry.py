@@ -1,4 +1,4 @@
-"""The placement algorithms, by name. Each is a pure function ``(load [T, L, E], spec) -> phy2log``."""
+"""The placement algorithms, by name. Each is a pure function ``(load [T, L, E], cluster) -> phy2log``."""
 
 from __future__ import annotations
 

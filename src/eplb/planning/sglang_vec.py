@@ -106,35 +106,35 @@ def _replicate_and_place(load: np.ndarray, num_phy: int, num_gpus: int) -> np.nd
     return np.take_along_axis(phy2log, serpentine_order(slot_load, num_gpus), 1)
 
 
-def vec_global(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def vec_global(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """SGLang's decode policy.
 
     Args:
         load: ``[T, L, E]`` float64 load history.
-        spec: the cluster.
+        cluster: the GPUs, slots and nodes.
 
     Returns:
         phy2log ``[L, P]`` int64.
     """
-    return torch.from_numpy(_replicate_and_place(load.numpy(), spec.num_slots, spec.num_gpus))
+    return torch.from_numpy(_replicate_and_place(load.numpy(), cluster.num_slots, cluster.num_gpus))
 
 
-def vec_hierarchical(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def vec_hierarchical(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """SGLang's prefill policy: groups onto nodes by summed load, then ``vec_global`` per node.
 
     Args:
         load: ``[T, L, E]`` float64 load history.
-        spec: the cluster; ``num_groups`` set and a multiple of ``num_nodes``.
+        cluster: GPUs, slots and nodes; ``num_groups`` set and a multiple of ``num_nodes``.
 
     Returns:
         phy2log ``[L, P]`` int64.
     """
     history = load.numpy()
     num_steps, num_layers, num_experts = history.shape
-    nodes = spec.num_nodes
-    mlog2log = inverse_permutation(pack_groups_to_nodes(history.sum(0), spec.num_groups, nodes))
+    nodes = cluster.num_nodes
+    mlog2log = inverse_permutation(pack_groups_to_nodes(history.sum(0), cluster.num_groups, nodes))
     node_load = np.take_along_axis(history, mlog2log[None], -1).reshape(num_steps, num_layers * nodes, -1)
-    phy2mlog = _replicate_and_place(node_load, spec.num_slots // nodes, spec.gpus_per_node)
+    phy2mlog = _replicate_and_place(node_load, cluster.num_slots // nodes, cluster.gpus_per_node)
     return torch.from_numpy(node_slots_to_experts(phy2mlog, mlog2log, nodes))
 
 

@@ -10,23 +10,23 @@ from eplb.placement import EMPTY_SLOT
 from eplb.planning.algorithm import Algorithm
 
 
-def linear(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def linear(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """Slot ``p`` holds expert ``p % E``: experts in contiguous blocks over the GPUs, then the
     redundant slots repeat experts ``0, 1, ...`` (vLLM's initial layout).
 
     Args:
         load: ``[T, L, E]``; only its shape is used.
-        spec: the cluster.
+        cluster: the GPUs, slots and nodes.
 
     Returns:
         phy2log ``[L, P]``.
     """
     num_layers, num_experts = load.shape[-2:]
-    row = torch.arange(spec.num_slots, dtype=torch.int64) % num_experts
+    row = torch.arange(cluster.num_slots, dtype=torch.int64) % num_experts
     return row.expand(num_layers, -1).clone()
 
 
-def round_robin(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
+def round_robin(load: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """Rank ``r`` holds experts ``r, r + G, r + 2G, ...`` (vLLM's round-robin placement).
 
     When ``G`` does not divide ``E`` the first ``E % G`` ranks hold one expert more, and the
@@ -34,25 +34,25 @@ def round_robin(load: torch.Tensor, spec: Cluster) -> torch.Tensor:
 
     Args:
         load: ``[T, L, E]``; only its shape is used.
-        spec: the cluster; ``P`` must be ``G * ceil(E / G)`` (see ``check_round_robin``).
+        cluster: GPUs, slots and nodes; ``P`` must be ``G * ceil(E / G)`` (see ``check_round_robin``).
 
     Returns:
         phy2log ``[L, P]``.
     """
     num_layers, num_experts = load.shape[-2:]
-    per_gpu = spec.slots_per_gpu
-    gpu = torch.arange(spec.num_gpus).unsqueeze(1)
-    expert = gpu + torch.arange(per_gpu).unsqueeze(0) * spec.num_gpus  # [G, S]
+    per_gpu = cluster.slots_per_gpu
+    gpu = torch.arange(cluster.num_gpus).unsqueeze(1)
+    expert = gpu + torch.arange(per_gpu).unsqueeze(0) * cluster.num_gpus  # [G, S]
     row = torch.where(expert < num_experts, expert, EMPTY_SLOT).flatten()
     return row.expand(num_layers, -1).clone()
 
 
-def check_round_robin(spec: Cluster, num_experts: int) -> None:
-    per_gpu = -(-num_experts // spec.num_gpus)
-    if spec.num_slots != per_gpu * spec.num_gpus:
+def check_round_robin(cluster: Cluster, num_experts: int) -> None:
+    per_gpu = -(-num_experts // cluster.num_gpus)
+    if cluster.num_slots != per_gpu * cluster.num_gpus:
         raise EplbError(
-            f"round_robin places each expert exactly once, so it needs {per_gpu * spec.num_gpus} slots "
-            f"({per_gpu} per GPU) for {num_experts} experts on {spec.num_gpus} GPUs, not {spec.num_slots}; "
+            f"round_robin places each expert exactly once, so it needs {per_gpu * cluster.num_gpus} slots "
+            f"({per_gpu} per GPU) for {num_experts} experts on {cluster.num_gpus} GPUs, not {cluster.num_slots}; "
             "use that slot count, or a load-based algorithm to fill redundant slots"
         )
 
@@ -60,13 +60,13 @@ def check_round_robin(spec: Cluster, num_experts: int) -> None:
 LINEAR = Algorithm(
     name="linear",
     fn=linear,
-    summary="static: contiguous blocks of experts, redundant slots repeat experts 0, 1, ...",
+    summary="contiguous blocks of experts, redundant slots repeat experts 0, 1, ...",
     uses_load=False,
 )
 ROUND_ROBIN = Algorithm(
     name="round_robin",
     fn=round_robin,
-    summary="static: rank r holds experts r, r+G, r+2G, ... (zigzag); no redundant slots",
+    summary="rank r holds experts r, r+G, r+2G, ... (zigzag); no redundant slots",
     uses_load=False,
     check=check_round_robin,
 )

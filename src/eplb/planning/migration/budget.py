@@ -1,29 +1,15 @@
-"""Migration-aware planning: reach a new placement while moving few expert weights.
-
-A rebalance copies the weights of every slot whose logical expert changes (a *move*), and
-serving stalls while it does. Two tools bound that cost:
-
-- :func:`align` re-labels an ideal placement so that as many slots as possible keep their
-  expert: GPUs (within nodes) and slots (within GPUs) are interchangeable for balance, so
-  the target's GPUs are matched to the current GPUs (an assignment problem) and each expert
-  that stays on a GPU keeps its slot;
-- :func:`move_within_budget` finds a placement at most ``k`` moves per layer away from the
-  current one, greedily buying the largest max-GPU-load reduction per move.
-
-:func:`migration_cost` counts the moves (and bytes) between two placements.
-"""
+"""Budgeted moves: the most balanced placement found within ``max_moves`` changed slots per layer,
+by a greedy local search from the current placement (replicate, replace and swap moves of the
+hottest GPU, batched over layers)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from eplb.cluster import Cluster, is_count
-from eplb.errors import EplbError
-from eplb.placement import EMPTY_SLOT, Placement
+from eplb.metrics import gpu_totals
+from eplb.placement import EMPTY_SLOT
 
 # Candidate replacement experts tried per slot of the hottest GPU (the lightest after one more replica).
 _LIGHT_CANDIDATES = 4
@@ -31,249 +17,6 @@ _LIGHT_CANDIDATES = 4
 _SWAP_PARTNERS = 8
 # Relative tolerance under which a load change counts as no change (float rounding).
 _RTOL = 1e-12
-
-
-# Cost ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MigrationCost:
-    """What a rebalance from one placement to another moves.
-
-    Attributes:
-        changed: ``[L, P]`` bool, the slots whose logical expert changes.
-        moves: ``[L]`` int64, changed slots per layer.
-        total_moves: changed slots over all layers.
-        bytes: weight bytes copied (``bytes_per_expert`` times the changed slots that receive an
-            expert; a slot left empty copies nothing), or None when no expert size was given.
-    """
-
-    changed: torch.Tensor
-    moves: torch.Tensor
-    total_moves: int
-    bytes: int | None
-
-
-def migration_cost(current: Placement, new: Placement, bytes_per_expert: int | None = None) -> MigrationCost:
-    """The moves (and bytes) a rebalance from ``current`` to ``new`` costs.
-
-    Args:
-        current: the placement now serving.
-        new: the placement to switch to; same layers, experts, slots, GPUs and nodes.
-        bytes_per_expert: weight bytes of one expert (DeepSeek-V3 in fp8:
-            ``3 * 7168 * 2048 = 44_040_192``), or None to skip the byte count.
-    """
-    _check_same_shape(current, new)
-    if bytes_per_expert is not None and not is_count(bytes_per_expert, minimum=1):
-        raise EplbError(
-            f"bytes_per_expert must be a positive integer, got {bytes_per_expert!r}; "
-            "pass the weight bytes of one expert (e.g. 3 * hidden * intermediate * bytes per parameter)"
-        )
-    changed = current.phy2log != new.phy2log
-    moves = changed.sum(dim=1)
-    filled = int((changed & (new.phy2log != EMPTY_SLOT)).sum())
-    return MigrationCost(
-        changed=changed,
-        moves=moves,
-        total_moves=int(moves.sum()),
-        bytes=None if bytes_per_expert is None else filled * int(bytes_per_expert),
-    )
-
-
-def _check_same_shape(current: Placement, new: Placement) -> None:
-    for name in ("num_layers", "num_experts", "num_slots", "num_gpus", "num_nodes"):
-        a, b = getattr(current, name), getattr(new, name)
-        if a != b:
-            raise EplbError(
-                f"the placements differ in {name} ({a} vs {b}); compare placements of the same model and cluster"
-            )
-
-
-# Validation of plan(current=..., max_moves=...) -------------------------------------------
-
-
-def check_current(current: object, spec: Cluster, num_layers: int, num_experts: int) -> None:
-    """Raise EplbError unless ``current`` is a Placement for this many layers and experts on ``spec``."""
-    if not isinstance(current, Placement):
-        raise EplbError(
-            f"current must be a Placement, got {type(current).__name__}; "
-            "load it with Placement.from_dict() or pass the result of an earlier eplb.plan()"
-        )
-    expected = {
-        "num_layers": (num_layers, "the load's layer count"),
-        "num_experts": (num_experts, "the load's expert count"),
-        "num_slots": (spec.num_slots, "num_slots"),
-        "num_gpus": (spec.num_gpus, "num_gpus"),
-        "num_nodes": (spec.num_nodes, "num_nodes"),
-    }
-    for name, (want, source) in expected.items():
-        have = getattr(current, name)
-        if have != want:
-            raise EplbError(
-                f"current placement has {name}={have} but {source} is {want}; pass the placement now serving "
-                "this model on this cluster, or plan without current="
-            )
-
-
-def check_max_moves(max_moves: object, current: object) -> int | None:
-    """``max_moves`` as an int (or None), or EplbError."""
-    if max_moves is None:
-        return None
-    if current is None:
-        raise EplbError("max_moves bounds the moves away from a current placement; pass current= as well")
-    if not is_count(max_moves, minimum=0):
-        raise EplbError(
-            f"max_moves must be a non-negative integer (slots changed per layer) or None, got {max_moves!r}"
-        )
-    return int(max_moves)  # type: ignore[call-overload]
-
-
-# Orchestration ------------------------------------------------------------------------------
-
-
-def migrate(current: Placement, target: Placement, load: torch.Tensor, max_moves: int | None) -> Placement:
-    """The placement to switch to from ``current``, given the ideal ``target``.
-
-    Args:
-        current: the placement now serving.
-        target: the ideal placement for ``load`` (any algorithm); same shape as ``current``.
-        load: ``[L, E]`` or ``[T, L, E]`` (summed over ``T``) expert loads, as recorded: layers
-            without load keep their current row, since no move there can improve anything measured.
-        max_moves: the most slots changed per layer, or None for the aligned ``target``.
-    """
-    _check_same_shape(current, target)
-    load = load.sum(0) if load.ndim == 3 else load
-    aligned = align(current.phy2log, target.phy2log, current.num_gpus, current.num_nodes)
-    if max_moves is None:
-        out, name = aligned, target.algorithm
-    else:
-        out = move_within_budget(current.phy2log, aligned, load, current.num_gpus, max_moves)
-        name = f"{target.algorithm} (max_moves={max_moves})"
-    unloaded = load.sum(1) == 0
-    out = torch.where(unloaded[:, None], current.phy2log, out)
-    return Placement(out, current.num_experts, current.num_gpus, current.num_nodes, algorithm=name)
-
-
-# Alignment ------------------------------------------------------------------------------------
-
-
-def align(
-    current: torch.Tensor,
-    target: torch.Tensor,
-    num_gpus: int,
-    num_nodes: int = 1,
-    permute_gpus: bool = True,
-) -> torch.Tensor:
-    """Re-label ``target`` to keep as many slots of ``current`` unchanged as possible.
-
-    Permuting GPUs within a node, nodes as wholes, and slots within a GPU changes neither the
-    GPU loads nor the node loads, so the result is exactly as balanced as ``target``. GPUs are
-    matched by the number of experts they share (multiset overlap), optimally per layer; within a
-    GPU, an expert that stays keeps its current slot and the incoming experts fill the freed
-    slots in the target's order.
-
-    Args:
-        current: ``[L, P]`` phy2log now serving (``-1``: empty slot).
-        target: ``[L, P]`` phy2log to reach, with the same expert multiset per GPU as the result.
-        num_gpus: ``G``.
-        num_nodes: ``N``; GPUs only move within their node so node-level balance is kept too.
-        permute_gpus: False keeps each target GPU on its own rank and only re-orders slots within
-            GPUs (what vLLM does when it preserves intra-GPU slots).
-
-    Returns:
-        ``[L, P]`` int64 phy2log: ``target`` with GPUs and slots permuted.
-    """
-    num_layers, num_slots = current.shape
-    per_gpu = num_slots // num_gpus
-    cur = current.view(num_layers, num_gpus, per_gpu)
-    tgt = target.view(num_layers, num_gpus, per_gpu)
-    if permute_gpus:
-        rank_of = _match_gpus(cur, tgt, num_nodes)  # [L, G]: target GPU for each current rank
-        tgt = tgt.gather(1, rank_of[:, :, None].expand(-1, -1, per_gpu))
-    return _keep_slots(cur, tgt).reshape(num_layers, num_slots)
-
-
-def _gpu_counts(phy2log: torch.Tensor) -> torch.Tensor:
-    """``[L, G, E + 1]`` replicas of each expert per GPU (the last id counts empty slots)."""
-    num_layers, num_gpus, _ = phy2log.shape
-    ids = torch.where(phy2log >= 0, phy2log, int(phy2log.max()) + 1)
-    width = int(ids.max()) + 1
-    counts = torch.zeros(num_layers, num_gpus, width, dtype=torch.int64)
-    return counts.scatter_add_(2, ids, torch.ones_like(ids))
-
-
-def _match_gpus(cur: torch.Tensor, tgt: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """``[L, G]``: for each current GPU, the target GPU that shares the most experts with it."""
-    num_layers, num_gpus, _ = cur.shape
-    # One id space for both, with the empty slot as an extra id, so empty matches empty.
-    both = _gpu_counts(torch.cat([cur, tgt], dim=1))
-    cur_cnt, tgt_cnt = both[:, :num_gpus], both[:, num_gpus:]
-    out = torch.empty(num_layers, num_gpus, dtype=torch.int64)
-    for layer in range(num_layers):
-        overlap = torch.minimum(cur_cnt[layer, :, None], tgt_cnt[layer, None]).sum(-1).numpy()
-        out[layer] = torch.from_numpy(_assign_within_nodes(overlap, num_nodes))
-    return out
-
-
-def _assign_within_nodes(overlap: np.ndarray, num_nodes: int) -> np.ndarray:
-    """Max-overlap assignment of GPUs that maps nodes onto nodes.
-
-    Args:
-        overlap: ``[G, G]`` experts shared by current GPU ``i`` and target GPU ``j``.
-        num_nodes: ``N``; node ``n`` holds GPUs ``[n * G/N, (n + 1) * G/N)``.
-
-    Returns:
-        ``[G]`` int64: the target GPU of each current GPU.
-    """
-    # Imported here so that eplb imports without SciPy; only re-labelling needs it.
-    from scipy.optimize import linear_sum_assignment
-
-    per_node = overlap.shape[0] // num_nodes
-    # blocks[n, m]: the [G/N, G/N] overlap of current node n's GPUs with target node m's.
-    blocks = overlap.reshape(num_nodes, per_node, num_nodes, per_node).transpose(0, 2, 1, 3)
-    best = np.zeros((num_nodes, num_nodes), dtype=np.int64)
-    inner = np.zeros((num_nodes, num_nodes, per_node), dtype=np.int64)
-    for n in range(num_nodes):
-        for m in range(num_nodes):
-            rows, cols = linear_sum_assignment(blocks[n, m], maximize=True)
-            best[n, m] = blocks[n, m][rows, cols].sum()
-            inner[n, m, rows] = cols
-    node_rows, node_cols = linear_sum_assignment(best, maximize=True)
-    out = np.empty(overlap.shape[0], dtype=np.int64)
-    for n, m in zip(node_rows, node_cols, strict=False):
-        out[n * per_node : (n + 1) * per_node] = m * per_node + inner[n, m]
-    return out
-
-
-def _keep_slots(cur: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Order each GPU's target experts so that the ones it already holds stay in their slots.
-
-    Args:
-        cur: ``[..., S]`` experts now in each local slot.
-        tgt: ``[..., S]`` experts the GPU must hold (any order).
-
-    Returns:
-        ``[..., S]``: a permutation of ``tgt`` per GPU that agrees with ``cur`` on as many slots
-        as the two multisets share.
-    """
-    per_gpu = cur.shape[-1]
-    earlier = torch.ones(per_gpu, per_gpu, dtype=torch.bool).tril(-1)
-
-    def matched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # The k-th copy of an expert in a is matched when b holds at least k + 1 copies.
-        seen_before = ((a[..., :, None] == a[..., None, :]) & earlier).sum(-1)
-        return seen_before < (a[..., :, None] == b[..., None, :]).sum(-1)
-
-    keep = matched(cur, tgt)
-    used = matched(tgt, cur)
-    # Freed slots (in slot order) take the unmatched target experts (in target order).
-    free_slots = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
-    incoming = tgt.gather(-1, torch.sort(used.to(torch.int8), dim=-1, stable=True).indices)
-    filled = torch.empty_like(tgt).scatter_(-1, free_slots, incoming)
-    return torch.where(keep, cur, filled)
-
-
-# Budgeted moves -----------------------------------------------------------------------------------
 
 
 def move_within_budget(
@@ -320,11 +63,8 @@ def _with_empty_id(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
 def _max_gpu_load(row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """``[L]`` max GPU load of ``row [L, P]`` (ids in ``[0, E]``) under ``weight [L, E + 1]``."""
     count = torch.zeros_like(weight).scatter_add_(1, row, torch.ones_like(row, dtype=weight.dtype))
-    return _gpu_loads(row, weight / count.clamp(min=1), num_gpus).max(1).values
-
-
-def _gpu_loads(row: torch.Tensor, per_replica: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    return per_replica.gather(1, row).view(row.shape[0], num_gpus, -1).sum(-1)
+    per_replica = weight / count.clamp(min=1)
+    return gpu_totals(per_replica.gather(1, row), row.shape[1] // num_gpus).amax(1)
 
 
 def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_moves: int) -> torch.Tensor:
@@ -429,7 +169,7 @@ class _State(NamedTuple):
         held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
         count = held.sum(-1)
         per_replica = weight / count.clamp(min=1)
-        gpu = _gpu_loads(row, per_replica, num_gpus)
+        gpu = gpu_totals(per_replica.gather(1, row), per_gpu)
         top, hot = gpu.max(1)
         return cls(
             row=row,

@@ -30,8 +30,7 @@ import torch.distributed as dist
 
 from eplb.cluster import require_count
 from eplb.errors import EplbError
-from eplb.placement import Placement
-from eplb.planning.migration.cost import check_same_shape
+from eplb.placement import Placement, check_same_shape
 from eplb.planning.online import Decision, OnlineConfig, decide, predicted_max_over_mean
 from eplb.runtime.migration import ExpertWeights, MigrationConfig, MigrationError, MigrationReport, Session, Step
 from eplb.runtime.migration import migrate as migrate_all

@@ -20,7 +20,6 @@ import torch
 
 from eplb.cluster import require_count
 from eplb.errors import EplbError
-from eplb.io import dumps
 from eplb.placement import Placement
 from eplb.runtime.backend import use_triton
 from eplb.runtime.recorder import collective
@@ -278,6 +277,8 @@ class ExpertLoadRecorder:
                 :meth:`global_loads` (SGLang's dumps hold the group's sum; write it from one rank).
             rank: the writer's rank, stored in the dump.
         """
+        from eplb.io import dumps  # the file formats live in eplb.io; a recorder that never dumps never loads them
+
         loads = self.loads() if loads is None else loads
         logical = None if phy2log is None else self.logical_loads(phy2log, loads)
         if fmt == "sglang":

@@ -264,14 +264,13 @@ class Rebalancer:
         assert self._session is not None
         index, part = self._queue.pop(0)
         step = Step(self.weights, part, index, self._session, self.config.migration, self._stream)
-        assert self.last is not None
-        self._pending = (step, self._mover.submit(self._prepare, step, self.last.report.seconds))
+        self._pending = (step, self._mover.submit(self._prepare, step))
 
-    def _prepare(self, step: Step, seconds: dict[str, float]) -> Any:
+    def _prepare(self, step: Step) -> Any:
         # The CUDA device is per thread: stage on this rank's device, not device 0.
         if self._stream is not None:
             torch.cuda.set_device(self.recorder.device)
-        return step.prepare(seconds)
+        return step.prepare()
 
     def _finish_pending(self) -> None:
         assert self._pending is not None and self.last is not None
@@ -286,6 +285,8 @@ class Rebalancer:
                 self.last.report.add_step(step.t, self.weights.layout(step.t.layer).payload_bytes)
         finally:
             step.finish()
+            for phase, seconds in step.seconds.items():
+                self.last.report.seconds[phase] += seconds
         if verdict is not None:
             self._failed(MigrationError(step.t.layer, step.part, verdict.ranks, verdict.cause, self.serving,
                                         self.last.report))

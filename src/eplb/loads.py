@@ -17,8 +17,9 @@ def as_history(load: Any, what: str = "load") -> torch.Tensor:
     negative entries.
     """
     try:
-        # from_numpy rejects string and object arrays with a TypeError, like as_tensor does.
-        t = torch.from_numpy(np.ascontiguousarray(load)) if isinstance(load, np.ndarray) else torch.as_tensor(load)
+        # Nested lists go through numpy, which keeps float64 (torch would round them to float32);
+        # from_numpy rejects string and object arrays with a TypeError.
+        t = load if isinstance(load, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(load))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise EplbError(f"{what} is not a numeric array ({exc}); pass a [layers, experts] tensor") from None
     if t.dtype == torch.bool or t.is_complex():
@@ -47,3 +48,17 @@ def as_layer_load(load: Any, what: str = "load") -> torch.Tensor:
 def dense_layers(history: torch.Tensor) -> torch.Tensor:
     """``[L]`` bool: layers with no load in any step (dense layers, e.g. DeepSeek-V3's first 3)."""
     return history.sum(dim=(0, 2)) == 0
+
+
+def normalized(load: torch.Tensor) -> torch.Tensor:
+    """``load`` (``[..., L, E]`` float64) with each layer scaled by a power of two to a peak in ``[0.5, 1)``.
+
+    Balance is scale-free, but float arithmetic is not: subnormal loads lose precision and totals
+    near the float limits overflow. A power-of-two factor is exact, so on ordinary loads every
+    ratio (max/mean, gap) and every plan stays bit-identical. Layers without load are unchanged.
+    """
+    peak = load.abs().amax(dim=-1, keepdim=True)
+    while peak.ndim > 2:  # one factor per layer, shared by every step of a history
+        peak = peak.amax(dim=0)
+    _, exponent = torch.frexp(peak)
+    return torch.ldexp(load, torch.where(peak > 0, -exponent, 0))

@@ -13,7 +13,7 @@ import torch
 
 from eplb.cluster import check_sizes, is_count
 from eplb.errors import EplbError
-from eplb.loads import as_layer_load
+from eplb.loads import as_layer_load, normalized
 
 if TYPE_CHECKING:  # Placement computes its GPU loads with gpu_totals below
     from eplb.placement import Placement
@@ -149,14 +149,18 @@ def evaluate(placement: Placement, load: torch.Tensor) -> BalanceReport:
     max_load = gpu.amax(dim=1)
     mean_load = gpu.mean(dim=1)
     loaded = max_load > 0
-    bound = lower_bound(load, placement.num_gpus, placement.num_slots)
+    # The ratios on loads scaled per layer (exact): subnormal or huge loads keep their precision.
+    scaled = normalized(load)
+    gpu = placement.gpu_load(scaled)
+    peak, mean = gpu.amax(dim=1), gpu.mean(dim=1)
+    bound = lower_bound(scaled, placement.num_gpus, placement.num_slots)
     return BalanceReport(
-        balancedness=_ratio(mean_load, max_load, loaded, empty=1.0),
-        imbalance=_ratio(max_load - mean_load, mean_load, loaded, empty=0.0),
+        balancedness=_ratio(mean, peak, loaded, empty=1.0),
+        imbalance=_ratio(peak - mean, mean, loaded, empty=0.0),
         max_load=max_load,
         mean_load=mean_load,
-        lower_bound=bound,
-        gap=_ratio(max_load, bound, loaded, empty=1.0) - 1.0,
+        lower_bound=bound * (max_load / torch.where(loaded, peak, 1.0)),
+        gap=_ratio(peak, bound, loaded, empty=1.0) - 1.0,
         duplicates=duplicates(placement),
         loaded=loaded,
     )

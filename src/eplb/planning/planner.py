@@ -8,7 +8,7 @@ import torch
 
 from eplb.cluster import Cluster, check_cluster
 from eplb.errors import EplbError
-from eplb.loads import as_history, dense_layers
+from eplb.loads import as_history, dense_layers, normalized
 from eplb.metrics import mean_max_over_mean
 from eplb.placement import Placement
 from eplb.planning import migration, registry
@@ -56,7 +56,7 @@ def plan(
     Returns:
         A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
     """
-    history = as_history(load)
+    history = normalized(as_history(load))  # exact scaling: plans depend on ratios only
     cluster = Cluster(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
     num_experts = history.shape[-1]
     check_cluster(cluster, num_experts)
@@ -124,7 +124,9 @@ def _plan_auto(history: torch.Tensor, cluster: Cluster, config: Any) -> Placemen
             continue
         candidate = _run(algo, history, cluster, config if _takes(algo, config) else None)
         score = auto_score(candidate, history)
-        if score < best_score:
+        if best is None or score < best_score:
             best, best_score = candidate, score
-    assert best is not None, "the global deepseek policy supports every valid cluster"
+    if best is None:
+        raise EplbError(f"no candidate of algorithm='auto' ({', '.join(registry.AUTO_ORDER)}) supports this "
+                        "cluster; name an algorithm (see eplb.planning.names())")
     return best

@@ -87,10 +87,18 @@ def replica_counts(weight, num_slots: int, max_replicas: int) -> np.ndarray:
         hi = np.where(fits, mid, hi)
         lo = np.where(fits, lo, mid)
     counts = fill(hi)
-    left = num_slots - counts.sum(1, keepdims=True)  # [L, 1]
-    relief = np.where(counts < max_replicas, weight / counts, -1.0)
-    order = np.argsort(-relief, axis=1, kind="stable")
-    np.put_along_axis(counts, order, np.take_along_axis(counts, order, 1) + (np.arange(num_experts) < left), 1)
+    # The slots left go to the heaviest replicas with room, one per expert per round. Usually one
+    # round (experts tied at t); more when the threshold cannot reach them: experts without load
+    # stay at one replica for every t > 0, and a huge load range outlasts the bisection.
+    for _ in range(max_replicas):
+        left = num_slots - counts.sum(1, keepdims=True)  # [L, 1]
+        if not left.any():
+            break
+        room = counts < max_replicas
+        relief = np.where(room, weight / counts, -1.0)
+        order = np.argsort(-relief, axis=1, kind="stable")
+        extra = (np.arange(num_experts) < left) & np.take_along_axis(room, order, 1)
+        np.put_along_axis(counts, order, np.take_along_axis(counts, order, 1) + extra, 1)
     return counts.astype(np.int64)
 
 

@@ -129,6 +129,10 @@ def random_case(seed: int, *, zero_layers: bool = False, any_groups: bool = Fals
     divisors = [d for d in range(1, num_groups + 1) if num_groups % d == 0]
     num_nodes = int(rng.choice([1, 2, 3, 4] if any_groups else divisors))
     num_gpus = num_nodes * int(rng.integers(1, 5))
+    if any_groups and num_groups % num_nodes != 0:
+        # The reference then falls back to the global policy, which needs neither divisibility.
+        num_experts += int(rng.integers(0, 3))
+        num_gpus = int(rng.integers(1, 9))
     per_gpu = -(-num_experts // num_gpus) + int(rng.integers(0, 3))
     kind = seed % 5
     if kind == 0:
@@ -214,6 +218,18 @@ def test_policy_choice_falls_back_to_global_when_groups_do_not_split_over_nodes(
     assert not torch.equal(hierarchical[0], global_policy[0])
 
 
+@pytest.mark.parametrize("args", [(12, 3, 2, 4), (16, 1, 3, 4), (15, 7, 2, 5), (20, 5, 3, 4)])
+def test_fallback_accepts_what_the_reference_accepts(args):
+    # groups % nodes != 0: the reference plans globally, whether or not groups divide the experts
+    # or nodes divide the GPUs.
+    weight = torch.arange(1.0, 25.0).reshape(2, 12) ** 2
+    num_slots, _, _, num_gpus = args
+    got = rebalance_experts(weight, *args)
+    want = oracle_rebalance(weight, *args)
+    assert [got[0].tolist(), got[1].tolist(), got[2].tolist()] == [want[0], want[1], want[2]]
+    assert torch.equal(got[0], rebalance_experts(weight, num_slots, 1, 1, num_gpus)[0])
+
+
 def test_no_groups_counts_as_one_group():
     weight = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(rebalance_experts(weight, 20, None, 2, 4),
@@ -261,7 +277,7 @@ def test_registered_algorithms():
         ("not a load", (8, 1, 1, 4), "numeric"),
         (torch.ones(2, 8), (10, 1, 1, 4), "multiple of 4"),
         (torch.ones(2, 8), (4, 1, 1, 4), "at least 8 slots"),
-        (torch.ones(2, 8), (8, 1, 3, 4), "multiple of the node count"),
+        (torch.ones(2, 8), (12, 2, 2, 3), "multiple of the node count"),
         (torch.ones(2, 8), (8, 3, 1, 4), "equal groups"),
         (torch.ones(2, 8), (8, 1, 1, 0), "num_gpus must be a positive integer"),
         (torch.ones(2, 8), (8, 0, 1, 4), "num_groups must be a positive integer"),

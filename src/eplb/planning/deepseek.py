@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.cluster import Cluster, check_cluster, require_groups
+from eplb.cluster import Cluster, check_cluster, require_count, require_groups
 from eplb.errors import EplbError
 from eplb.loads import as_history
 from eplb.planning.algorithm import Algorithm
@@ -249,13 +249,14 @@ def rebalance_experts(
     """Drop-in replacement for deepseek-ai/EPLB's ``rebalance_experts``, with identical outputs.
 
     The hierarchical policy is used when ``num_groups`` is a multiple of ``num_nodes``, the
-    global policy otherwise. ``num_groups=None`` (no router groups) counts as one group.
+    global policy otherwise -- and then, as in the reference, ``num_groups`` need not divide the
+    experts nor ``num_nodes`` the GPUs. ``num_groups=None`` (no router groups) counts as one group.
 
     Args:
         weight: ``[L, E]`` load statistics of the logical experts (tensor, array or nested list).
         num_replicas: ``P``, physical experts over all GPUs; a multiple of ``num_gpus``, ``>= E``.
-        num_groups: expert groups of the router; divides ``E``.
-        num_nodes: ``N``, server nodes; divides ``num_gpus``.
+        num_groups: expert groups of the router; divides ``E`` when the hierarchical policy is used.
+        num_nodes: ``N``, server nodes; divides ``num_gpus`` when the hierarchical policy is used.
         num_gpus: ``G``.
 
     Returns:
@@ -277,10 +278,13 @@ def rebalance_experts(
     layer_load = history[0]
     num_layers, num_experts = layer_load.shape
     groups = 1 if num_groups is None else num_groups
-    check_cluster(Cluster(num_gpus=num_gpus, num_slots=num_replicas, num_nodes=num_nodes, num_groups=groups),
-               num_experts)
-    if groups % num_nodes != 0:
+    require_count("num_nodes", num_nodes, fix="pass the cluster's node count")
+    if isinstance(groups, int) and groups % num_nodes != 0:
+        # The reference's fallback: the global policy ignores groups and nodes, so neither has to
+        # divide anything (groups need not divide the experts, nodes need not divide the GPUs).
         groups, num_nodes = 1, 1
+    check_cluster(Cluster(num_gpus=num_gpus, num_slots=num_replicas, num_nodes=num_nodes, num_groups=groups),
+                  num_experts)
     phy2log, replica_rank, logcnt = rebalance_hierarchical(
         as_float32(layer_load), num_replicas, groups, num_nodes, num_gpus
     )

@@ -25,6 +25,7 @@ EngineConfig = HedgedConfig
 _LAZY = {
     "ExpertLoadRecorder": "eplb.runtime.recorder",
     "WaterfillBalancer": "eplb.runtime.waterfill",
+    "simulate": "eplb.simulation",
     "WaterfillConfig": "eplb.runtime.waterfill",
 }
 
@@ -50,4 +51,5 @@ __all__ = [
     "migration_cost",
     "plan",
     "rebalance_experts",
+    "simulate",
 ]

@@ -1,0 +1,332 @@
+"""Balancing policies the simulator replays: when to re-plan, from what, and how the move lands.
+
+A policy is called before each step with the step number and a ``Context`` (the loads observed so far,
+the placement serving, the cluster) and returns None or an ``Action``: a target placement and how it lands:
+
+- ``"free"``: serving at once, no copy time (the oracles: a bar, not a policy one could run);
+- ``"sync"``: serving at once, the step stalls while every moved expert is copied (the engines' rule);
+- ``"async"``: after ``latency_steps`` (planning on a CPU thread), ``layers_per_step`` layers commit per
+  step, the layers with the largest predicted gain first; copies run under the step's compute.
+
+While an async move is in flight the policy is not called. Any callable ``(step, ctx) -> Action |
+Placement | None`` is a policy too (a bare Placement lands ``"sync"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import eplb
+from eplb.cluster import Cluster, require_count
+from eplb.errors import EplbError
+from eplb.metrics import balancedness, lower_bound
+from eplb.placement import Placement
+from eplb.planning.online import OnlineConfig, decide, predicted_max_over_mean
+from eplb.simulation.scenarios import Scenario
+
+MODES = ("free", "sync", "async")
+
+
+@dataclass(frozen=True)
+class Action:
+    """A move to ``target``.
+
+    Attributes:
+        target: the placement to reach (same shape as the one serving).
+        mode: ``"free"``, ``"sync"`` or ``"async"`` (see the module doc).
+        latency_steps: async: steps between the decision and the first commit.
+        layers_per_step: async: layers committed per step.
+        order: async: ``[L]`` priority of each layer (higher first); default: layer order.
+    """
+
+    target: Placement
+    mode: str = "sync"
+    latency_steps: int = 0
+    layers_per_step: int = 1
+    order: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, Placement):
+            raise EplbError(f"an action's target must be a Placement, got {type(self.target).__name__}")
+        if self.mode not in MODES:
+            raise EplbError(f"action mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        require_count("latency_steps", self.latency_steps, minimum=0, fix="pass steps before the first commit")
+        require_count("layers_per_step", self.layers_per_step, fix="pass layers committed per step")
+
+
+class History:
+    """The loads observed so far, the last ``capacity`` steps kept (a ring buffer).
+
+    Args:
+        capacity: steps kept (the longest window any policy plans from).
+        num_layers, num_experts: ``L``, ``E``.
+    """
+
+    def __init__(self, capacity: int, num_layers: int, num_experts: int) -> None:
+        self._ring = torch.zeros(max(capacity, 1), num_layers, num_experts, dtype=torch.float64)
+        self.count = 0
+
+    def push(self, loads: torch.Tensor) -> None:
+        """Append ``[n, L, E]`` steps."""
+        cap = self._ring.shape[0]
+        for row in loads[-cap:]:
+            self._ring[self.count % cap] = row
+            self.count += 1
+
+    def recent(self, steps: int) -> torch.Tensor:
+        """``[min(steps, seen), L, E]``: the last ``steps`` observed steps, oldest first."""
+        cap = self._ring.shape[0]
+        n = min(steps, self.count, cap)
+        idx = torch.arange(self.count - n, self.count) % cap
+        return self._ring[idx]
+
+
+@dataclass
+class Context:
+    """What a policy sees before step ``t``.
+
+    Attributes:
+        scenario: the scenario (the oracles read its expected loads; a real policy must not).
+        cluster: GPUs, slots, nodes, router groups.
+        history: the loads of the steps before ``t``.
+        serving: the placement serving now.
+        load_now: ``[L, E]`` the load of step ``t`` itself (only the step oracle may look).
+        algorithm: the default planning algorithm.
+    """
+
+    scenario: Scenario
+    cluster: Cluster
+    history: History
+    serving: Placement
+    load_now: torch.Tensor
+    algorithm: str = "deepseek"
+    plan_calls: int = 0
+
+    def plan(self, load: torch.Tensor, algorithm: str | None = None, **kwargs: Any) -> Placement:
+        """``eplb.plan`` on this cluster."""
+        self.plan_calls += 1
+        c = self.cluster
+        return eplb.plan(load, num_gpus=c.num_gpus, num_slots=c.num_slots, num_nodes=c.num_nodes,
+                         num_groups=c.num_groups, algorithm=algorithm or self.algorithm, **kwargs)
+
+
+Policy = Callable[[int, Context], "Action | Placement | None"]
+
+
+@dataclass
+class Static:
+    """Plan once (the initial placement), never move."""
+
+    name: str = "static"
+
+    def __call__(self, t: int, ctx: Context) -> Action | None:
+        return None
+
+
+@dataclass
+class Periodic:
+    """The engines' rule: every ``interval`` steps re-plan from the last ``window`` steps and move every slot
+    the new plan changes, serving stalled while it copies (vLLM's defaults: window 1000, interval 3000).
+
+    Args:
+        interval: steps between re-plans.
+        window: steps planned from.
+        algorithm: planning algorithm (None: the simulation's).
+        align: re-label the plan to keep slots (eplb's ``current=`` without a budget); the engines do not.
+        mode: ``"sync"`` (the engines' default) or ``"async"``.
+    """
+
+    interval: int = 3000
+    window: int = 1000
+    algorithm: str | None = None
+    align: bool = False
+    mode: str = "sync"
+    name: str = "periodic"
+
+    def __call__(self, t: int, ctx: Context) -> Action | None:
+        if t == 0 or t % self.interval or ctx.history.count == 0:
+            return None
+        recent = ctx.history.recent(self.window)
+        target = ctx.plan(recent, self.algorithm, current=ctx.serving if self.align else None)
+        return Action(target, mode=self.mode, layers_per_step=ctx.serving.num_layers)
+
+
+@dataclass
+class Online:
+    """eplb's online rebalancer: ``eplb.planning.online.decide`` (the runtime ``Rebalancer``'s decision) on the
+    recent steps of the current workload, moves bounded by ``config.max_moves`` per layer, acting only on a
+    predicted gain of ``config.min_gain``, committed async ``layers_per_step`` layers per step (largest gain
+    first) after ``latency_steps``.
+
+    Which steps: the longest run of recent steps (at most ``config.window``) whose loads differ from the
+    newest step's by no more than ``noise`` times the usual step-to-step difference (a workload shift cuts the run:
+    the plan and its gain are measured on the new workload only, and old steps cannot outvote it).
+
+    When: ``decide`` plans before it gates, and planning is the expensive part, so it runs only when the
+    answer can have changed: when the run restarts (a shift), when it has doubled in length since the last
+    decision (more steps: a less noisy plan), after each move has landed, and, once settled on a full window,
+    when the serving placement's max/mean on it has drifted up by ``min_gain / 2`` since the last decision
+    (checked every ``window / 4`` steps); never while the per-step lower bound shows that no placement could
+    gain ``min_gain``.
+
+    Args:
+        config: window, max_moves, min_gain, algorithm, num_groups (``OnlineConfig``).
+        noise: how many times the usual step-to-step difference (sampling noise, or the median difference of
+            consecutive recent steps if larger) still counts as the same workload (total-variation distance of
+            the expert shares, averaged over layers).
+        min_steps: the fewest steps of a workload to plan from (one step would fit its own sampling noise).
+        latency_steps: steps from a decision to the first commit (the plan runs on a CPU thread meanwhile).
+        layers_per_step: layers committed per step.
+    """
+
+    config: OnlineConfig = field(default_factory=lambda: OnlineConfig(window=16, max_moves=32, min_gain=0.02,
+                                                                      algorithm="deepseek"))
+    noise: float = 1.5
+    min_steps: int = 2
+    latency_steps: int = 1
+    layers_per_step: int = 1
+    name: str = "eplb"
+    _run: int = field(default=0, init=False, repr=False)
+    _decided_at: int = field(default=0, init=False, repr=False)
+    _moved: bool = field(default=False, init=False, repr=False)
+    _checked: int = field(default=0, init=False, repr=False)
+    _before: float = field(default=float("inf"), init=False, repr=False)
+
+    def __call__(self, t: int, ctx: Context) -> Action | None:
+        recent = ctx.history.recent(self.config.window)
+        if recent.shape[0] == 0:
+            return None
+        run = same_workload(recent, self.noise)
+        if run < self._run:  # a shift: the new workload's steps start over
+            self._decided_at = 0
+        self._run = run
+        if run < self.min_steps:
+            return None
+        grown = run >= min(2 * self._decided_at, self.config.window) and run > self._decided_at
+        # Settled on a full window: look for drift now and then (scoring the serving placement is cheap).
+        drift_check = run >= self.config.window and t - self._checked >= max(1, self.config.window // 4)
+        if not (self._moved or grown or drift_check):
+            return None
+        steps = recent[-run:]
+        before = predicted_max_over_mean(ctx.serving, steps)
+        self._checked = t
+        if not (self._moved or grown) and before <= self._before * (1 + self.config.min_gain / 2):
+            return None
+        self._decided_at, self._moved, self._before = run, False, before
+        if before * (1 - self.config.min_gain) < _floor(steps, ctx.cluster):
+            return None
+        decision = decide(steps, ctx.serving, self.config)
+        ctx.plan_calls += 1
+        if not decision.act:
+            return None
+        self._moved = True
+        return Action(decision.placement, mode="async", latency_steps=self.latency_steps,
+                      layers_per_step=self.layers_per_step, order=_layer_gain(ctx.serving, decision.placement, steps))
+
+
+def same_workload(recent: torch.Tensor, noise: float) -> int:
+    """How many of the newest steps of ``recent [T, L, E]`` look like one workload: those whose expert shares
+    are within ``noise`` times the usual step-to-step difference of the newest step's (total variation, mean
+    over layers). The usual difference is the larger of the sampling noise and the median difference between
+    consecutive steps, so that real traffic, which moves more than sampling explains, is not cut at every step."""
+    total = recent.sum(-1, keepdim=True)
+    share = recent / total.clamp(min=1e-300)
+    loaded = total.squeeze(-1) > 0  # [T, L]
+
+    def mean_over_layers(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, tv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    distance = mean_over_layers(0.5 * (share - share[-1]).abs().sum(-1), loaded)  # [T]
+    # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
+    # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
+    spread = recent.sqrt().sum(-1) / total.squeeze(-1).clamp(min=1e-300) / math.sqrt(math.pi)
+    scale = float(mean_over_layers(spread, loaded)[-1])
+    if recent.shape[0] > 2:
+        steps = mean_over_layers(0.5 * (share[1:] - share[:-1]).abs().sum(-1), loaded[1:] & loaded[:-1])
+        scale = max(scale, float(steps.median()))
+    outside = (distance > noise * max(scale, 1e-12)).nonzero().flatten()
+    return recent.shape[0] - (int(outside[-1]) + 1 if outside.numel() else 0)
+
+
+def _floor(recent: torch.Tensor, cluster: Cluster) -> float:
+    """Mean over steps and loaded layers of the per-step lower bound on max/mean: no placement does better."""
+    total = recent.sum(-1)  # [T, L]
+    bound = lower_bound(recent.flatten(0, 1), cluster.num_gpus, cluster.num_slots).view_as(total)
+    loaded = total > 0
+    ratio = bound / torch.where(loaded, total / cluster.num_gpus, 1.0)
+    return float(ratio[loaded].mean()) if bool(loaded.any()) else 1.0
+
+
+def _layer_gain(old: Placement, new: Placement, recent: torch.Tensor) -> torch.Tensor:
+    """``[L]``: drop in max/mean per layer on ``recent`` from ``old`` to ``new`` (the commit order)."""
+    def score(p: Placement) -> torch.Tensor:
+        return (1.0 / balancedness(p.gpu_load(recent))).mean(0)
+    return score(old) - score(new)
+
+
+@dataclass
+class Oracle:
+    """The placement fitted on each step's expected load (each phase's true load), switched for free when
+    it changes: per-step sampling noise stays, so it is the bar a real policy aims at.
+
+    Args:
+        algorithm: planning algorithm (None: the simulation's).
+    """
+
+    algorithm: str | None = None
+    name: str = "oracle"
+    _row: int = field(default=-1, init=False, repr=False)
+    _cache: dict[int, Placement] = field(default_factory=dict, init=False, repr=False)
+
+    def __call__(self, t: int, ctx: Context) -> Action | None:
+        row = int(ctx.scenario.index[t])
+        if row == self._row:
+            return None
+        self._row = row
+        if row not in self._cache:
+            self._cache[row] = ctx.plan(ctx.scenario.expected[row], self.algorithm)
+        return Action(self._cache[row], mode="free")
+
+
+@dataclass
+class StepOracle:
+    """The placement fitted on each step's own sampled load, for free: the in-sample lower bound.
+
+    Args:
+        algorithm: planning algorithm (None: the simulation's).
+    """
+
+    algorithm: str | None = None
+    name: str = "step_oracle"
+
+    def __call__(self, t: int, ctx: Context) -> Action | None:
+        return Action(ctx.plan(ctx.load_now, self.algorithm), mode="free")
+
+
+POLICIES: dict[str, Callable[..., Any]] = {
+    "static": Static,
+    "periodic": Periodic,
+    "eplb": Online,
+    "oracle": Oracle,
+    "step_oracle": StepOracle,
+}
+
+
+def make(name: str, **kwargs: Any) -> Any:
+    """A policy by name (``POLICIES``) with its keyword arguments."""
+    if name not in POLICIES:
+        raise EplbError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}, or pass a callable")
+    try:
+        return POLICIES[name](**kwargs)
+    except TypeError as exc:
+        raise EplbError(f"policy {name!r} does not take these options ({exc}); see help(eplb.simulation)") from None
+
+
+def policy_name(policy: Any) -> str:
+    """A policy's ``name`` attribute, or its function name."""
+    return str(getattr(policy, "name", None) or getattr(policy, "__name__", type(policy).__name__))

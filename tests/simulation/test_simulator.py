@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+import eplb
+from eplb.errors import EplbError
+from eplb.simulation import Action, CostModel, Online, Periodic, SimResult, StepOracle, build, simulate
+from eplb.simulation.policies import same_workload
+from tests.simulation.helpers import CLUSTER, phase_loads, small_scenario, write_fixture_table
+
+
+def test_one_step_max_over_mean_equals_evaluate():
+    sc = build(phase_loads(1), steps_per_phase=1, tokens_per_step=400, top_k=2, seed=0)
+    placement = eplb.plan(sc.expected[0], **CLUSTER, algorithm="deepseek")
+    res = simulate(sc, ["static"], **CLUSTER, initial=placement)
+    expected = eplb.evaluate(placement, sc.load()).summary()["max_over_mean"]
+    assert res.runs["static"].summary()["max_over_mean"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_bytes_moved_equal_migration_cost(tmp_path):
+    sc = small_scenario(steps=4)
+    first = eplb.plan(sc.expected[0], **CLUSTER)
+    other = eplb.plan(sc.expected[1], **CLUSTER)
+
+    def switch_once(t, ctx):
+        return other if t == 2 else None
+
+    cost = CostModel(table=str(write_fixture_table(tmp_path / "t.json")))
+    res = simulate(sc, [switch_once], **CLUSTER, initial=first, cost=cost)
+    run = res.runs["switch_once"]
+    moved = eplb.migration_cost(first, other, bytes_per_expert=cost.bytes_per_expert)
+    assert int(run.bytes.sum()) == moved.bytes and int(run.bytes[2]) == moved.bytes
+    assert run.rebalances == [2] and float(run.stall_us[2]) > 0 and float(run.stall_us[3]) == 0
+
+
+def test_async_moves_land_one_layer_per_step_after_the_latency():
+    sc = small_scenario(steps=6)
+    first, other = eplb.plan(sc.expected[0], **CLUSTER), eplb.plan(sc.expected[2], **CLUSTER)
+
+    def later(t, ctx):
+        return Action(other, mode="async", latency_steps=2) if t == 1 else None
+
+    run = simulate(sc, [later], **CLUSTER, initial=first).runs["later"]
+    per_layer = eplb.migration_cost(first, other, bytes_per_expert=1)
+    assert run.copies[:3].tolist() == [0, 0, 0]
+    assert sorted(run.copies[3:5].tolist()) == sorted(int(m) for m in (first.phy2log != other.phy2log).sum(1))
+    assert int(run.copies.sum()) == per_layer.bytes
+
+
+def test_step_oracle_is_never_beaten():
+    sc = small_scenario(steps=8)
+    res = simulate(sc, ["static", Periodic(interval=3, window=3), "eplb", "oracle", StepOracle()], **CLUSTER)
+    best = res.runs["step_oracle"].summary()["max_over_mean"]
+    for name, run in res.runs.items():
+        assert run.summary()["max_over_mean"] >= best - 1e-12, name
+
+
+def test_oracle_and_eplb_beat_static_after_a_shift():
+    sc = build(phase_loads(2, seed=5), steps_per_phase=30, tokens_per_step=2000, top_k=2, seed=0)
+    res = simulate(sc, ["static", Online(layers_per_step=2), "oracle"], **CLUSTER)
+    mm = {name: run.summary()["max_over_mean"] for name, run in res.runs.items()}
+    assert mm["oracle"] < mm["eplb"] < mm["static"]
+    assert res.runs["eplb"].plan_calls >= 1
+
+
+def test_same_workload_finds_the_shift():
+    sc = small_scenario(steps=10, tokens=5000)
+    load = sc.load()
+    assert same_workload(load[:8], 1.5) == 8
+    assert same_workload(load[4:13], 1.5) == 3
+
+
+def test_time_model_dispatch_and_waterfill(tmp_path):
+    sc = small_scenario(steps=3)
+    cost = CostModel(table=str(write_fixture_table(tmp_path / "t.json")))
+    runs = {}
+    for dispatch in ("even", "static", "weighted"):
+        for waterfill in (False, True):
+            res = simulate(sc, ["static"], **CLUSTER, cost=cost, dispatch=dispatch, waterfill=waterfill,
+                           keep_ranks=True)
+            runs[dispatch, waterfill] = res.runs["static"]
+    for run in runs.values():
+        assert bool((run.step_us >= run.ideal_us * (1 - 1e-9)).all())
+        assert run.rank_tokens.shape == (9, 2, 4)
+    assert float(runs["even", True].step_us.sum()) <= float(runs["even", False].step_us.sum())
+
+
+def test_weighted_dispatch_evens_out_a_stale_placement():
+    loads = phase_loads(2, seed=2)
+    sc = build(loads[1:], steps_per_phase=12, tokens_per_step=50000, top_k=2, seed=0)
+    stale = eplb.plan(loads[0], **CLUSTER)
+    mm = {d: simulate(sc, ["static"], **CLUSTER, initial=stale, dispatch=d).runs["static"].max_over_mean[4:].mean()
+          for d in ("even", "weighted")}
+    assert float(mm["weighted"]) < float(mm["even"])
+
+
+def test_results_round_trip(tmp_path):
+    res = simulate(small_scenario(steps=3), ["static", "oracle"], **CLUSTER)
+    back = SimResult.load(res.save(tmp_path / "r.json"))
+    for a, b in zip(res.summary(), back.summary(), strict=True):
+        assert a["max_over_mean"] == pytest.approx(b["max_over_mean"], abs=1e-6) and a["copies"] == b["copies"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policies": ["nope"]}, "unknown policy"),
+        ({"policies": ["static", "static"]}, "distinct names"),
+        ({"dispatch": "random"}, "dispatch"),
+        ({"waterfill": True}, "cost model"),
+        ({"num_slots": 10}, "slots"),
+    ],
+)
+def test_bad_simulation_input(kwargs, match):
+    args = {"policies": ["static"], **CLUSTER} | kwargs
+    with pytest.raises(EplbError, match=match):
+        simulate(small_scenario(steps=2), **args)
+
+
+def test_a_policy_returning_garbage_is_named():
+    with pytest.raises(EplbError, match="bad"):
+        def bad(t, ctx):
+            return "move"
+        simulate(small_scenario(steps=2), [bad], **CLUSTER)
+
+
+def test_the_time_model_refuses_to_run_without_a_table(tmp_path):
+    with pytest.raises(EplbError, match="bench_gemm_cost.py"):
+        simulate(small_scenario(steps=2), ["static"], **CLUSTER, cost=CostModel(table=str(tmp_path / "none.json")))
+
+
+def test_policies_are_copied_per_run():
+    policy = Online()
+    sc = small_scenario(steps=5)
+    a = simulate(sc, [policy], **CLUSTER).runs["eplb"].summary()
+    b = simulate(sc, [policy], **CLUSTER).runs["eplb"].summary()
+    assert a == b | {"plan_seconds": a["plan_seconds"]}
+    assert torch.is_tensor(sc.index)

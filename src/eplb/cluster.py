@@ -69,15 +69,28 @@ def require_groups(cluster: Cluster, num_experts: int) -> int:
     return cluster.num_groups
 
 
+# Size guard: far beyond any deployment (DeepSeek-V3 serves 256 experts of 61 layers on <= 320
+# GPUs), low enough that a typo (--slots 100000000) is refused before gigabytes are allocated.
+MAX_GPUS = 16_384
+MAX_SLOTS = 65_536
+MAX_SLOTS_PER_GPU = 512
+MAX_LAYERS = 4_096
+MAX_EXPERTS = 65_536
+
+
 def check_sizes(num_gpus: Any, num_slots: Any, num_nodes: Any = 1, num_experts: int | None = None) -> None:
-    """The size rules of every cluster, checked in one place: ``G``, ``P`` and ``N`` positive integers,
-    ``P`` a multiple of ``G`` (and ``>= E`` when ``num_experts`` is given), ``G`` a multiple of ``N``.
+    """The size rules of every cluster, checked in one place: ``G``, ``P`` and ``N`` positive integers
+    within the size guard (``G <= 16,384``, ``P <= 65,536``, ``P / G <= 512``), ``P`` a multiple of
+    ``G`` (and ``>= E`` when ``num_experts`` is given), ``G`` a multiple of ``N``.
 
     Raises one EplbError that names the first broken rule and the fix.
     """
-    for name, value, what in (("num_gpus", num_gpus, "GPU"), ("num_slots", num_slots, "slot"),
-                              ("num_nodes", num_nodes, "node")):
+    for name, value, what, most in (("num_gpus", num_gpus, "GPU", MAX_GPUS), ("num_slots", num_slots, "slot",
+                                     MAX_SLOTS), ("num_nodes", num_nodes, "node", MAX_GPUS)):
         require_count(name, value, fix=f"pass the cluster's {what} count")
+        if value > most:
+            raise EplbError(f"{name} is {value}, above the size guard of {most} that no deployment reaches; "
+                            f"pass the cluster's {what} count")
     if num_slots % num_gpus != 0:
         raise EplbError(
             f"{num_slots} slots cannot be split evenly over {num_gpus} GPUs; "
@@ -88,11 +101,24 @@ def check_sizes(num_gpus: Any, num_slots: Any, num_nodes: Any = 1, num_experts: 
             f"{num_slots} slots cannot hold {num_experts} experts; "
             f"use at least {_round_up(num_experts, num_gpus)} slots"
         )
+    if num_slots // num_gpus > MAX_SLOTS_PER_GPU:
+        raise EplbError(
+            f"{num_slots // num_gpus} slots per GPU is above the size guard of {MAX_SLOTS_PER_GPU}; "
+            "check --slots/num_slots (all slots of the cluster, not per GPU)"
+        )
     if num_gpus % num_nodes != 0:
         raise EplbError(
             f"{num_gpus} GPUs cannot be split evenly over {num_nodes} nodes; "
             "use a GPU count that is a multiple of the node count"
         )
+
+
+def check_model(num_layers: int, num_experts: int) -> None:
+    """The size guard on a load's shape: at most 4,096 layers and 65,536 logical experts."""
+    for what, value, most in (("layers", num_layers, MAX_LAYERS), ("experts", num_experts, MAX_EXPERTS)):
+        if value > most:
+            raise EplbError(f"the load has {value} {what}, above the size guard of {most}; "
+                            "check that the statistics are [layers, experts] (or [steps, layers, experts])")
 
 
 def check_cluster(cluster: Cluster, num_experts: int) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from eplb.cluster import Cluster, check_cluster
+from eplb.cluster import Cluster, check_cluster, check_model
 from eplb.errors import EplbError
 from eplb.loads import as_history, dense_layers, normalized
 from eplb.metrics import mean_max_over_mean
@@ -56,7 +56,9 @@ def plan(
     Returns:
         A ``Placement`` with ``phy2log [L, P]``; its ``algorithm`` names the algorithm used.
     """
-    history = normalized(as_history(load))  # exact scaling: plans depend on ratios only
+    history = as_history(load)
+    check_model(history.shape[1], history.shape[2])
+    history = normalized(history)  # exact scaling: plans depend on ratios only
     cluster = Cluster(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
     num_experts = history.shape[-1]
     check_cluster(cluster, num_experts)

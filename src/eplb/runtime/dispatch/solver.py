@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from eplb.errors import EplbError
-from eplb.loads import as_history
+from eplb.loads import as_history, normalized
 from eplb.placement import Placement
 
 
@@ -48,7 +48,7 @@ def solve_weights(placement: Placement, load: Any, *, sweeps: int = 4) -> torch.
     """
     if not isinstance(sweeps, int) or sweeps < 0:
         raise EplbError(f"sweeps must be a non-negative integer, got {sweeps!r}")
-    w = _layer_load(placement, load)
+    w = normalized(_layer_load(placement, load))  # shares are scale-free; subnormal loads keep their precision
     log2phy = placement.log2phy
     held = log2phy >= 0
     gpu = torch.where(held, log2phy, 0) // placement.slots_per_gpu  # [L, E, X]

@@ -73,3 +73,18 @@ def test_bad_input(kwargs, match):
         expected_remote_nodes(_two_nodes(), torch.ones(1, 2), **kwargs)
     with pytest.raises(EplbError, match="placement"):
         expected_remote_nodes(_two_nodes(), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("mode", ["independent", "grouped", "pairwise"])
+def test_chunks_of_layers_give_the_same_numbers(monkeypatch, mode):
+    import eplb.traffic
+
+    gen = torch.Generator().manual_seed(3)
+    phy2log = torch.stack([torch.randperm(16, generator=gen) % 8 for _ in range(5)])
+    p = Placement(phy2log, num_experts=8, num_gpus=8, num_nodes=4)
+    load = torch.rand(5, 8, generator=gen, dtype=torch.float64)
+    kwargs = {"independent": {}, "grouped": dict(num_groups=4, groups_per_token=2),
+              "pairwise": dict(coactivation=torch.rand(5, 8, 8, generator=gen, dtype=torch.float64))}[mode]
+    whole = expected_remote_nodes(p, load, top_k=4, **kwargs)
+    monkeypatch.setattr(eplb.traffic, "_CHUNK_ELEMENTS", 8 * 16 * 2)  # two layers per chunk
+    assert torch.equal(expected_remote_nodes(p, load, top_k=4, **kwargs), whole)

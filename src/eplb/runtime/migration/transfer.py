@@ -1,0 +1,233 @@
+"""Staging, P2P rounds, checksums and the in-place commit of one part of one layer.
+
+- ``stage``: every expert this rank's changed slots need lands in one staging row (local copies
+  from its own slots, the rest received in the plan's rounds); senders read the current weights,
+  so a slot that is both a source and a destination is safe. Nothing registered is written.
+- ``verify``: each staged row's tensors are checksummed and compared with the checksums its
+  source wrote into the row (the sender on its own slot, before packing).
+- ``commit``: every changed slot copies its expert's staged row into place (no allocation).
+
+Checksums are ``checksums.checksum`` of each tensor's bytes, one per slot and tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eplb.runtime.migration.checksums import checksum
+from eplb.runtime.migration.plan import LayerTransfers
+from eplb.runtime.migration.sync import PeerAbort, StepSync
+from eplb.runtime.migration.weights import CHECKSUM_BYTES, ExpertWeights, RowLayout
+
+_TAG_LIMIT = 1 << 31
+# Source rows below this size are gathered when packed; larger ones are copied row by row.
+_GATHER_BYTES = 1 << 16
+
+
+class ChecksumMismatch(RuntimeError):
+    """A staged row differs from its source; ``ranks``: the receiver, then the sender."""
+
+    def __init__(self, message: str, ranks: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+@dataclass
+class Staged:
+    """One rank's staging of one part.
+
+    Attributes:
+        rows: ``[R, row_bytes]`` uint8, one row per staged expert (``RowLayout``).
+        row_of: the staging row of each staged expert.
+        sources: the rank each row came from (this rank for local copies).
+        stream: the CUDA stream that wrote ``rows``, or None.
+    """
+
+    rows: torch.Tensor
+    row_of: dict[int, int]
+    sources: list[int]
+    stream: Any = None
+
+
+def _pack(out: torch.Tensor, src_rows: list[torch.Tensor], layout: RowLayout, slots: list[int], verify: bool) -> None:
+    """Fill ``out [k, row_bytes]`` with local slots ``slots``, and with their checksums when
+    ``verify`` (computed on the rows read from the slots, not on ``out``).
+
+    Small rows are gathered in one op per tensor; large ones are copied row by row, since a GPU
+    gathers large byte rows far below its copy bandwidth.
+    """
+    if not slots:
+        return
+    sums = _sums(out, layout)
+    index = torch.tensor(slots, device=out.device)
+    for t, (seg, src) in enumerate(zip(layout.segments, src_rows, strict=True)):
+        dst = out[:, seg.offset : seg.offset + seg.nbytes]
+        if seg.nbytes < _GATHER_BYTES:
+            rows = src.index_select(0, index)
+            dst.copy_(rows)
+            if verify:
+                sums[:, t] = checksum(rows)
+            continue
+        for j, slot in enumerate(slots):
+            dst[j].copy_(src[slot])
+            if verify:
+                sums[j, t] = checksum(src[slot : slot + 1])[0]
+
+
+def _sums(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """``[R, T]`` int64 view of the checksums stored in each row."""
+    end = layout.checksum_offset + CHECKSUM_BYTES * len(layout.segments)
+    return rows[:, layout.checksum_offset : end].view(torch.int64)
+
+
+def _stream_context(stream: Any) -> Any:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def message_tags(t: LayerTransfers, row_bytes: int, chunk_bytes: int) -> list[list[tuple[int, int, int]]]:
+    """Per message of ``t``: its chunks as ``(tag offset, first byte, end byte)``; offsets count up
+    from 0 over the part, so that tags are distinct within it."""
+    out, tag = [], 0
+    for m in t.messages:
+        size = len(m.experts) * row_bytes
+        out.append([(tag + i, a, min(a + chunk_bytes, size)) for i, a in enumerate(range(0, size, chunk_bytes))])
+        tag += len(out[-1])
+    return out
+
+
+def stage(
+    weights: ExpertWeights,
+    t: LayerTransfers,
+    rank: int,
+    sync: StepSync,
+    *,
+    group: Any = None,
+    timeout_s: float,
+    chunk_bytes: int,
+    verify: bool,
+    tag_base: int = 0,
+    stream: Any = None,
+) -> Staged:
+    """Stage this rank's experts of part ``t`` (see the module docstring).
+
+    Args:
+        weights: this rank's registered weights.
+        t: the part's transfers (the same on every rank).
+        rank: this rank in ``group``.
+        sync: the step's store keys (round handshakes).
+        group: the ``torch.distributed`` group, or None for the world.
+        timeout_s: bound on each P2P wait once both ends posted.
+        chunk_bytes: the most bytes per P2P op.
+        verify: write source checksums into the rows.
+        tag_base: added to each message chunk's tag offset (``message_tags``), mod ``2**31``.
+        stream: a CUDA stream to stage on, or None for the current one.
+
+    Raises:
+        PeerAbort: a round was aborted (a peer failed or timed out); nothing is left posted.
+    """
+    layout = weights.layout(t.layer)
+    src_rows = weights.byte_rows(t.layer)
+    staged = t.staged_experts(rank)
+    tags = message_tags(t, layout.row_bytes, chunk_bytes)
+    with _stream_context(stream):
+        rows = torch.empty(len(staged), layout.row_bytes, dtype=torch.uint8, device=weights.device)
+        local = [slot for r, _, slot in t.local if r == rank]
+        _pack(rows[: len(local)], src_rows, layout, local, verify)
+        # Incoming messages land in consecutive staging rows, in message order.
+        at, received = len(local), {}
+        for i, m in enumerate(t.messages):
+            if m.dst == rank:
+                received[i] = rows[at : at + len(m.experts)]
+                at += len(m.experts)
+        for round_ in range(t.num_rounds):
+            mine = [i for i, m in enumerate(t.messages) if m.round == round_ and rank in (m.src, m.dst)]
+            if not mine:
+                continue
+            sent = [i for i in mine if t.messages[i].src == rank]
+            send = torch.empty(sum(len(t.messages[i].experts) for i in sent), layout.row_bytes, dtype=torch.uint8,
+                               device=weights.device)
+            buffers, at = dict(received), 0
+            for i in sent:
+                buffers[i] = send[at : at + len(t.messages[i].experts)]
+                _pack(buffers[i], src_rows, layout, list(t.messages[i].src_slots), verify)
+                at += len(t.messages[i].experts)
+            peer = {i: t.messages[i].dst if i in sent else t.messages[i].src for i in mine}
+            answers = sync.handshake(round_, sorted(set(peer.values())))
+            ops = [
+                (i in sent, buffers[i].view(-1)[a:b], peer[i], (tag_base + tag) % _TAG_LIMIT)
+                for i in mine if answers[peer[i]] is None
+                for tag, a, b in tags[i]
+            ]
+            for work in _post(ops, group):
+                work.wait(timeout=timedelta(seconds=timeout_s))
+            aborted = [failure for failure in answers.values() if failure is not None]
+            if aborted:
+                raise PeerAbort(aborted[0])
+    return Staged(
+        rows=rows,
+        row_of={e: i for i, (e, _) in enumerate(staged)},
+        sources=[rank if m is None else m.src for _, m in staged],
+        stream=stream,
+    )
+
+
+def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[Any]:
+    """Post ``(is_send, tensor, peer, tag)`` ops: one by one on gloo (whose batch is slower and
+    whose async ops cannot deadlock), as one group elsewhere (NCCL serialises a pair's ops, so a
+    send and a receive between two ranks must be grouped)."""
+    if not ops:
+        return []
+    to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+    if dist.get_backend(group) == "gloo":
+        return [
+            (dist.isend if is_send else dist.irecv)(tensor, to_global(peer), group=group, tag=tag)
+            for is_send, tensor, peer, tag in ops
+        ]
+    return dist.batch_isend_irecv([
+        dist.P2POp(dist.isend if is_send else dist.irecv, tensor, to_global(peer), group=group, tag=tag)
+        for is_send, tensor, peer, tag in ops
+    ])
+
+
+def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int) -> None:
+    """Compare every staged row's tensors with the checksums its source wrote.
+
+    Raises:
+        ChecksumMismatch: naming the layer, the expert, the tensor and the sending rank.
+    """
+    layout = weights.layout(t.layer)
+    if staged.rows.shape[0] == 0:
+        return
+    with _stream_context(staged.stream):
+        got = torch.stack([checksum(staged.rows[:, s.offset : s.offset + s.nbytes]) for s in layout.segments], 1)
+        bad = (got != _sums(staged.rows, layout)).nonzero().tolist()
+    if bad:
+        experts = {row: e for e, row in staged.row_of.items()}
+        row, tensor = bad[0]
+        raise ChecksumMismatch(
+            f"checksum mismatch on rank {rank}: {len(bad)} staged tensor row(s) differ from their source, first "
+            f"expert {experts[row]} tensor {layout.segments[tensor].name!r} staged from rank {staged.sources[row]}",
+            (rank, staged.sources[row]),
+        )
+
+
+def commit(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int) -> None:
+    """Copy each changed slot's staged expert into place, on the current stream (after ``staged``'s)."""
+    layout = weights.layout(t.layer)
+    dst_rows = weights.byte_rows(t.layer)
+    if staged.stream is not None:
+        current = torch.cuda.current_stream(staged.rows.device)
+        current.wait_stream(staged.stream)
+        staged.rows.record_stream(current)
+    with torch.no_grad():
+        for slot, e in t.rank_fills(rank):
+            row = staged.rows[staged.row_of[e]]
+            for seg, dst in zip(layout.segments, dst_rows, strict=True):
+                dst[slot].copy_(row[seg.offset : seg.offset + seg.nbytes])
+

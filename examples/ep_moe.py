@@ -27,15 +27,20 @@ from eplb.runtime.moe import EPMoE, EPMoEConfig, dense_moe, local_slot_weights, 
 Weights = dict[str, torch.Tensor]
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(parser: argparse.ArgumentParser, tokens: int) -> None:
+    """The model and batch sizes, shared with the other examples."""
     parser.add_argument("--layers", type=int, default=2, help="MoE layers")
     parser.add_argument("--experts", type=int, default=16, help="logical routed experts")
     parser.add_argument("--slots-per-rank", type=int, default=10, help="physical slots per rank")
-    parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=512, help="mean tokens per rank and step")
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens per rank and step (mean)")
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, tokens=512)
+    parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="steps per placement")
     # Static dispatch keeps a token on its own GPU's replica, so the load follows each rank's batch size.
     parser.add_argument("--dispatch", choices=("static", "hash", "weighted"), default="hash")

@@ -20,6 +20,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from ep_moe import add_model_args  # the sibling example (the script's folder is on sys.path)
 
 import eplb
 from eplb import ExpertLoadRecorder
@@ -31,12 +32,7 @@ from eplb.runtime.rebalancer import Rebalancer, RebalancerConfig
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2, help="MoE layers")
-    parser.add_argument("--experts", type=int, default=16, help="logical routed experts")
-    parser.add_argument("--slots-per-rank", type=int, default=10, help="physical slots per rank")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank and step")
+    add_model_args(parser, tokens=256)
     parser.add_argument("--steps", type=int, default=60, help="steps in all (the workload switches half way)")
     parser.add_argument("--every", type=int, default=10, help="steps between rebalancing decisions")
     parser.add_argument("--max-moves", type=int, default=4, help="changed slots per layer per rebalance")

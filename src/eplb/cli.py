@@ -17,6 +17,7 @@ from rich.table import Table
 
 import eplb
 from eplb import io, planning
+from eplb.cluster import Cluster, check_cluster, require_count
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
@@ -104,9 +105,16 @@ def _request(stats: str | None, gpus: int | None, slots: int | None, nodes: int 
         if gpus is None or slots is None:
             raise EplbError("pass --gpus and --slots for your cluster (e.g. --gpus 32 --slots 288)")
         loaded, name = io.read_load(stats), stats
+    nodes = 1 if nodes is None else nodes
+    # Up front, so that compare fails like plan: one line, not the same error per algorithm.
+    check_cluster(Cluster(num_gpus=gpus, num_slots=slots, num_nodes=nodes, num_groups=groups), loaded.load.shape[-1])
+    require_count("--top-k", top_k, fix="pass the experts each token picks (DeepSeek-V3: 8)")
+    if topk_groups is not None:
+        require_count("--topk-groups", topk_groups, maximum=groups,
+                      fix="pass the groups each token picks from, at most --groups (DeepSeek-V3: 4 of 8)")
     knobs = {k: v for k, v in (("risk", risk), ("half_life", half_life), ("locality", locality)) if v is not None}
     config = HedgedConfig(**knobs) if knobs else None
-    return Request(loaded, name, gpus, slots, 1 if nodes is None else nodes, groups, top_k, topk_groups, config)
+    return Request(loaded, name, gpus, slots, nodes, groups, top_k, topk_groups, config)
 
 
 def _timed(fn: Callable[[], T]) -> tuple[T, float]:

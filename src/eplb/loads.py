@@ -22,6 +22,10 @@ def as_history(load: Any, what: str = "load") -> torch.Tensor:
         t = load if isinstance(load, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(load))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise EplbError(f"{what} is not a numeric array ({exc}); pass a [layers, experts] tensor") from None
+    if t.is_meta:
+        raise EplbError(f"{what} is a meta tensor (a shape without data); save the real counts")
+    if t.layout != torch.strided:
+        t = t.to_dense()  # sparse counts (COO, CSR) are the same counts
     if t.dtype == torch.bool or t.is_complex():
         raise EplbError(f"{what} has dtype {t.dtype}; pass real-valued token counts")
     t = t.detach().to("cpu", torch.float64)

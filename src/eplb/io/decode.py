@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,29 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
+
+# What a library or a reader raises on content it did not expect: a corrupt or foreign file, never
+# a bug of the caller's (EplbError, a ValueError, passes through unchanged).
+CONTENT_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError, OverflowError,
+                  RuntimeError, NotImplementedError, UnicodeError)
+
+
+@contextmanager
+def content_errors(path: Path, what: str, fix: str) -> Iterator[None]:
+    """Turn any unexpected failure on the content of ``path`` into one EplbError line:
+    "``path`` is not a valid ``what`` (the error); ``fix``"."""
+    try:
+        yield
+    except EplbError:
+        raise
+    except CONTENT_ERRORS as exc:
+        raise EplbError(f"{path} is not a valid {what} ({type(exc).__name__}: {first_line(exc)}); {fix}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages can run to a paragraph)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def require_file(path: Path, what: str) -> None:
@@ -32,7 +56,9 @@ def load_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise EplbError(f"{path} is not valid JSON ({exc}); check the file is complete") from None
+        raise EplbError(f"{path} is not valid JSON ({first_line(exc)}); check the file is complete") from None
+    except RecursionError:
+        raise EplbError(f"{path} nests JSON too deeply to be statistics or a placement; check the file") from None
 
 
 def load_yaml(path: Path) -> Any:
@@ -42,7 +68,9 @@ def load_yaml(path: Path) -> Any:
             # libyaml's loader where PyYAML has it: ~10x faster on a 61-layer assignment table.
             return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (yaml.YAMLError, ValueError) as exc:
-        raise EplbError(f"{path} is not valid YAML ({exc}); check the file is complete") from None
+        raise EplbError(f"{path} is not valid YAML ({first_line(exc)}); check the file is complete") from None
+    except RecursionError:
+        raise EplbError(f"{path} nests YAML too deeply to be a placement; check the file") from None
 
 
 def load_torch(path: Path) -> Any:
@@ -51,7 +79,7 @@ def load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not a torch save
         raise EplbError(
-            f"cannot read {path} as a torch file ({exc}); pass a torch.save of tensors, lists and dicts"
+            f"cannot read {path} as a torch file ({first_line(exc)}); pass a torch.save of tensors, lists and dicts"
         ) from None
 
 
@@ -64,7 +92,9 @@ def load_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         with data:
             return {name: data[name] for name in data.files}
     except Exception as exc:  # format, pickle and zip errors alike
-        raise EplbError(f"cannot read {path} as a numpy file ({exc}); pass an .npy or .npz written by numpy") from None
+        raise EplbError(
+            f"cannot read {path} as a numpy file ({first_line(exc)}); pass an .npy or .npz written by numpy"
+        ) from None
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -75,17 +105,22 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # SafetensorError and header errors
-        raise EplbError(f"cannot read {path} as a safetensors file ({exc}); check the file is complete") from None
+        raise EplbError(
+            f"cannot read {path} as a safetensors file ({first_line(exc)}); check the file is complete"
+        ) from None
 
 
 def load_csv(path: Path) -> list[list[float]]:
-    """The numeric rows of a CSV file; a first row that is not numeric is taken as a header."""
+    """The numeric rows of a CSV file; a first row without any number is taken as a header."""
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
     except (ValueError, csv.Error) as exc:
-        raise EplbError(f"{path} is not a readable CSV text file ({exc}); write one row per layer") from None
-    if rows and not all(_is_number(cell) for cell in rows[0]):
+        raise EplbError(
+            f"{path} is not a readable CSV text file ({first_line(exc)}); write one row per layer"
+        ) from None
+    # A header holds names only: a first row with some numbers is data (12,N/A,7 is a broken layer).
+    if rows and not any(_is_number(cell) for cell in rows[0]):
         rows = rows[1:]
     for number, row in enumerate(rows, start=1):
         bad = [cell for cell in row if not _is_number(cell)]

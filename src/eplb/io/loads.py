@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.cluster import MAX_LAYERS, is_count
 from eplb.errors import EplbError
 from eplb.io.atomic import PathLike
-from eplb.io.decode import LOADERS, load_safetensors, sniff
+from eplb.io.decode import LOADERS, content_errors, load_safetensors, sniff
 from eplb.io.dumps import DUMP_FORMAT, DUMP_VERSION
 from eplb.loads import as_history, dense_layers
 
@@ -46,6 +47,7 @@ LOAD_KEYS = ("load", "loads", "expert_load", "expert_loads", "counts", "expert_c
 
 _LAYER_KEY = re.compile(r"layer_(\d+)")
 _ITERATION_LAYER_KEY = re.compile(r"(\d+)_(\d+)")
+_RANK_FILE = re.compile(r"rank\d+\.safetensors")
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,16 +112,17 @@ def read_load(path: PathLike, *, domain: str | None = None) -> LoadFile:
     file, part = _split_part(path, domain)
     if not file.exists():
         raise EplbError(f"statistics file {file} does not exist; check the path")
-    try:
-        if file.is_dir():
-            parsed = _from_folder(file, part)
-        else:
-            suffix = file.suffix.lower()
-            loader = LOADERS[suffix if suffix in LOADERS else sniff(file)]
-            parsed = _from_data(loader(file), file, part)
-    except OSError as exc:
-        raise EplbError(f"cannot read {file} ({exc.strerror or exc}); check it is readable") from None
-    history = as_history(parsed.load, what=str(file))
+    with content_errors(file, "statistics file", "pass expert loads in one of the layouts of eplb.io.read_load"):
+        try:
+            if file.is_dir():
+                parsed = _from_folder(file, part)
+            else:
+                suffix = file.suffix.lower()
+                loader = LOADERS[suffix if suffix in LOADERS else sniff(file)]
+                parsed = _from_data(loader(file), file, part)
+        except OSError as exc:
+            raise EplbError(f"cannot read {file} ({exc.strerror or exc}); check it is readable") from None
+        history = as_history(parsed.load, what=str(file))
     layer_ids = list(range(history.shape[1])) if parsed.layer_ids is None else parsed.layer_ids
     if len(layer_ids) != history.shape[1]:
         raise EplbError(
@@ -152,7 +155,8 @@ def _split_part(path: PathLike, domain: str | None) -> tuple[Path, str | None]:
 
 
 def _from_folder(folder: Path, part: str | None) -> _Parsed:
-    files = sorted(folder.glob("rank*.safetensors"))
+    # rank{r}.safetensors only: TensorRT-LLM may write other rank* files (raw per-token data) beside them.
+    files = sorted(f for f in folder.glob("rank*.safetensors") if _RANK_FILE.fullmatch(f.name))
     if not files:
         raise EplbError(
             f"{folder} is a folder without TensorRT-LLM statistics (rank*.safetensors); pass a statistics file"
@@ -162,6 +166,11 @@ def _from_folder(folder: Path, part: str | None) -> _Parsed:
     for file in files:
         for key, counts in load_safetensors(file).items():
             counts = counts.to(torch.float64)
+            if key in total and total[key].shape != counts.shape:
+                raise EplbError(
+                    f"{file.name} in {folder} counts {counts.numel()} experts for {key} but an earlier rank "
+                    f"{total[key].numel()}; pass the statistics of one run"
+                )
             total[key] = total[key] + counts if key in total else counts
     return _from_data(total, folder, part)
 
@@ -277,7 +286,19 @@ def _domains(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
         steps.append(step)
     layers = data.get("layers")
     facts = {k: data[k] for k in ("model", "num_experts", "top_k") if k in data}
-    return _Parsed(torch.cat(steps), "domains", [int(i) for i in layers] if layers else None, names, facts)
+    return _Parsed(torch.cat(steps), "domains", None if layers is None else _layer_ids(layers, file), names, facts)
+
+
+def _layer_ids(value: Any, file: Path) -> list[int]:
+    """A file's list of model layer ids, validated: distinct integers in ``[0, MAX_LAYERS)``."""
+    if not isinstance(value, (list, tuple)) or not all(_is_layer_id(i) for i in value) or len(set(value)) < len(value):
+        raise EplbError(f"the layer ids of {file} must be a list of distinct integers in [0, {MAX_LAYERS}), "
+                        f"got {str(value)[:80]}; give one model layer id per row")
+    return [int(i) for i in value]
+
+
+def _is_layer_id(value: Any) -> bool:
+    return is_count(value, minimum=0) and int(value) < MAX_LAYERS
 
 
 def _per_layer(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
@@ -290,7 +311,11 @@ def _per_layer(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed
         row = as_history([counts], what=f"{key} of {file}")
         if np.ndim(counts) != 1:
             raise EplbError(f"{key} of {file} has nested activations; give each layer_N entry one flat list [experts]")
-        rows[int(_LAYER_KEY.fullmatch(str(key)).group(1))] = row[0, 0]
+        layer = int(_LAYER_KEY.fullmatch(str(key)).group(1))
+        if not _is_layer_id(layer):
+            raise EplbError(f"{key} of {file} is above the size guard of {MAX_LAYERS} layers; "
+                            "key each entry by its model layer id")
+        rows[layer] = row[0, 0]
     widths = sorted({row.numel() for row in rows.values()})
     if len(widths) > 1:
         raise EplbError(f"the layers of {file} count {widths} experts; record every layer with the same experts")
@@ -304,6 +329,10 @@ def _per_layer(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed
 def _iterations(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     _no_part(part, file)
     counts = {tuple(int(x) for x in _ITERATION_LAYER_KEY.fullmatch(k).groups()): v for k, v in data.items()}
+    big = [layer for _, layer in counts if not _is_layer_id(layer)]
+    if big:
+        raise EplbError(f"{file} has layer id {big[0]}, above the size guard of {MAX_LAYERS} layers; "
+                        "key each entry iteration_layer by its model layer id")
     iterations = sorted({i for i, _ in counts})
     layers = sorted({layer for _, layer in counts})
     missing = [(i, layer) for i in iterations for layer in layers if (i, layer) not in counts]

@@ -1,0 +1,195 @@
+"""eplb as vLLM's EPLB policy, without editing vLLM.
+
+vLLM (0.34) calls ``policy.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks,
+old_global_expert_indices)`` and takes back ``phy2log [L, P]`` only; older vLLM called a function of
+five arguments that returned ``(phy2log, log2phy, logcnt)``. ``EplbPolicy`` serves the first,
+``LegacyEplbPolicy`` the second. ``install()`` puts one in vLLM's policy table under the name vLLM
+selects by default (``--eplb-config '{"policy": "default"}'``), so no vLLM option has to change.
+
+- ``algorithm="deepseek"`` (the default) gives exactly the placements of vLLM's own policy (DeepSeek's,
+  with its global fallback) up to vLLM's numpy port's tie-breaking;
+- any other eplb algorithm (``"auto"``, ``"eplb"``, ...) plans with ``eplb.plan``; with the current
+  placement (``old_global_expert_indices``) the plan is re-labelled to keep the most slots, and
+  ``max_moves`` bounds the slots per layer whose expert changes (each costs one weight copy).
+
+Either way, an expert that stays on a GPU keeps its slot there (vLLM's ``preserve_intragpu_slots``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.errors import EplbError
+from eplb.placement import Placement
+from eplb.planning.deepseek import rebalance_experts as deepseek_rebalance
+from eplb.planning.migration.align import align
+from eplb.planning.planner import plan
+
+ALGORITHM_ENV = "EPLB_VLLM_ALGORITHM"
+MAX_MOVES_ENV = "EPLB_VLLM_MAX_MOVES"
+
+
+class PolicyInputError(EplbError, AssertionError):
+    """Bad counts given by vLLM. Also an ``AssertionError``: vLLM's default policy asserts its
+    inputs, and callers (vLLM's own tests included) catch that type."""
+
+
+class EplbPolicy:
+    """vLLM's EPLB policy interface (``AbstractEplbPolicy``, vLLM >= 0.11) backed by eplb.
+
+    Subclass it (or call ``configure``) to change ``algorithm`` and ``max_moves``.
+    """
+
+    algorithm: str = "deepseek"
+    max_moves: int | None = None
+
+    @classmethod
+    def configure(cls, algorithm: str = "deepseek", max_moves: int | None = None) -> type[EplbPolicy]:
+        """A subclass planning with ``algorithm`` (an eplb algorithm name) and the move budget ``max_moves``."""
+        return type(cls.__name__, (cls,), {"algorithm": algorithm, "max_moves": max_moves})
+
+    @classmethod
+    def rebalance_experts(
+        cls,
+        weight: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_global_expert_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The new placement.
+
+        Args:
+            weight: ``[L, E]`` load of each logical expert (any device, any numeric dtype).
+            num_replicas: ``P``, slots over all ranks; a multiple of ``num_ranks``, ``>= E``.
+            num_groups: the router's expert groups; the hierarchical policy is used when it is a
+                multiple of ``num_nodes``, the global one otherwise (as vLLM's default policy).
+            num_nodes: ``N``.
+            num_ranks: ``G``, the EP ranks.
+            old_global_expert_indices: ``[L, P]`` phy2log now serving, or None.
+
+        Returns:
+            ``[L, P]`` int64 phy2log on the CPU.
+        """
+        weight = torch.as_tensor(weight).detach().cpu()
+        if num_ranks <= 0 or num_replicas % num_ranks != 0:
+            raise PolicyInputError(
+                f"{num_replicas} physical experts cannot be split evenly over {num_ranks} EP ranks; "
+                "set --eplb-config num_redundant_experts so that experts + redundant is a multiple of the EP size"
+            )
+        old = _current(old_global_expert_indices, weight.shape, num_replicas)
+        if cls.algorithm == "deepseek":
+            phy2log = deepseek_rebalance(weight, num_replicas, num_groups, num_nodes, num_ranks)[0]
+            if old is None:
+                return phy2log
+            return torch.from_numpy(cls.preserve_intragpu_slots(phy2log.numpy(), num_ranks, old.numpy()))
+        hierarchical = num_groups % num_nodes == 0 and num_ranks % num_nodes == 0
+        nodes = num_nodes if hierarchical else 1
+        current = None
+        if old is not None and bool((old >= 0).all()):
+            current = Placement(old, num_experts=weight.shape[1], num_gpus=num_ranks, num_nodes=nodes)
+        placement = plan(
+            weight.to(torch.float64), num_gpus=num_ranks, num_slots=num_replicas, num_nodes=nodes,
+            num_groups=num_groups if hierarchical else None, algorithm=cls.algorithm,
+            current=current, max_moves=cls.max_moves if current is not None else None,
+        )
+        if old is None or current is not None:
+            return placement.phy2log
+        return torch.from_numpy(cls.preserve_intragpu_slots(placement.phy2log.numpy(), num_ranks, old.numpy()))
+
+    @classmethod
+    def preserve_intragpu_slots(cls, phy2log: np.ndarray, num_ranks: int, old_phy2log: np.ndarray) -> np.ndarray:
+        """Re-order each rank's slots so that an expert staying on the rank keeps its old slot.
+
+        Args:
+            phy2log: ``[L, P]`` new placement.
+            num_ranks: ``G``.
+            old_phy2log: ``[L, P]`` placement now serving.
+
+        Returns:
+            ``[L, P]``: ``phy2log`` with slots permuted within ranks only (same experts per rank,
+            so the same balance); unchanged when the shapes differ (the EP size changed).
+        """
+        new, old = np.asarray(phy2log), np.asarray(old_phy2log)
+        if new.shape != old.shape or num_ranks <= 0 or new.shape[1] % num_ranks != 0:
+            return new
+        kept = align(torch.from_numpy(old.astype(np.int64)), torch.from_numpy(new.astype(np.int64)),
+                     num_ranks, permute_gpus=False)
+        return kept.numpy().astype(new.dtype, copy=False)
+
+
+class LegacyEplbPolicy:
+    """The interface of vLLM before the policy classes: five arguments, three maps back."""
+
+    policy: type[EplbPolicy] = EplbPolicy
+
+    @classmethod
+    def rebalance_experts(
+        cls, weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(phy2log [L, P], log2phy [L, E, P - E + 1], logcnt [L, E])``.
+
+        ``log2phy`` has vLLM's fixed width (one more than the redundant slots), ``-1`` padded, so
+        that vLLM can copy it into its preallocated map whatever the replica counts are.
+        """
+        weight = torch.as_tensor(weight)
+        phy2log = cls.policy.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+        placement = Placement(phy2log, num_experts=weight.shape[1], num_gpus=num_gpus)
+        width = num_replicas - weight.shape[1] + 1
+        log2phy = placement.log2phy
+        padded = torch.full((*log2phy.shape[:2], width), -1, dtype=torch.int64)
+        padded[..., : log2phy.shape[2]] = log2phy
+        return placement.phy2log, padded, placement.logcnt
+
+
+def install(algorithm: str = "deepseek", max_moves: int | None = None) -> type[EplbPolicy]:
+    """Make vLLM plan with eplb: call once in every process that runs vLLM's EPLB (before the engine
+    starts; with ``plugin`` as a ``vllm.general_plugins`` entry point vLLM does it in each worker).
+
+    Args:
+        algorithm: an eplb algorithm name (``eplb.planning.names()``) or ``"auto"``.
+        max_moves: the most slots per layer whose expert may change at one rearrangement, or None.
+
+    Returns:
+        The policy class installed.
+    """
+    policy = EplbPolicy.configure(algorithm, max_moves)
+    try:
+        from vllm.distributed.eplb import policy as policies
+    except ImportError:
+        policies = None
+    if policies is not None and hasattr(policies, "EPLB_POLICIES"):
+        # vLLM resolves the policy by name from this table when the EPLB state is built, so
+        # replacing the entry vLLM selects by default is enough; the table is shared, not copied.
+        policies.EPLB_POLICIES["default"] = policy
+        return policy
+    try:
+        from vllm.distributed.eplb import eplb_state, rebalance_algo
+    except ImportError as exc:
+        raise EplbError(f"cannot import vLLM's EPLB ({exc}); install vLLM (>= 0.9.2) before calling install()") from exc
+    legacy = type("LegacyEplbPolicy", (LegacyEplbPolicy,), {"policy": policy})
+    rebalance_algo.rebalance_experts = legacy.rebalance_experts
+    eplb_state.rebalance_experts = legacy.rebalance_experts
+    return policy
+
+
+def plugin() -> None:
+    """vLLM ``general_plugins`` entry point: installs eplb when ``EPLB_VLLM_ALGORITHM`` is set
+    (``EPLB_VLLM_MAX_MOVES``: the move budget), and does nothing otherwise."""
+    algorithm = os.environ.get(ALGORITHM_ENV)
+    if algorithm:
+        budget = os.environ.get(MAX_MOVES_ENV)
+        install(algorithm, int(budget) if budget else None)
+
+
+def _current(old: Any, shape: torch.Size, num_replicas: int) -> torch.Tensor | None:
+    """The serving ``[L, P]`` phy2log, or None when absent or of another shape (the EP size changed)."""
+    if old is None:
+        return None
+    old = torch.as_tensor(old).detach().cpu().to(torch.int64)
+    return old if old.shape == (shape[0], num_replicas) else None

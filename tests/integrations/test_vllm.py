@@ -1,0 +1,101 @@
+"""eplb as vLLM's EPLB policy: the adapter always; against vLLM's own policy where vLLM is importable
+(``python scripts/interop.py`` makes it so)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import eplb
+from eplb.integrations.vllm import EplbPolicy, LegacyEplbPolicy, PolicyInputError, install
+from eplb.placement import Placement
+
+WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                       [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+
+
+def _vllm_default():
+    policy = pytest.importorskip("vllm.distributed.eplb.policy.default",
+                                 reason="vLLM is not importable: run scripts/interop.py")
+    return policy.DefaultEplbPolicy
+
+
+def test_deepseek_mode_is_the_reference_policy_with_its_fallback():
+    for groups, nodes in ((4, 2), (3, 2), (1, 1)):
+        got = EplbPolicy.rebalance_experts(WEIGHT, 16, groups, nodes, 8)
+        assert torch.equal(got, eplb.rebalance_experts(WEIGHT, 16, groups, nodes, 8)[0])
+
+
+def test_old_placement_keeps_experts_in_their_slots_and_balance():
+    old = EplbPolicy.rebalance_experts(WEIGHT, 16, 4, 2, 8)
+    new = EplbPolicy.rebalance_experts(WEIGHT.flip(1), 16, 4, 2, 8, old)
+    free = EplbPolicy.rebalance_experts(WEIGHT.flip(1), 16, 4, 2, 8)
+    for rank in range(8):
+        cols = slice(2 * rank, 2 * rank + 2)
+        assert sorted(new[:, cols].flatten().tolist()) == sorted(free[:, cols].flatten().tolist())
+    stays = (new == old).sum()
+    assert stays >= (free == old).sum()
+
+
+def test_move_budget_bounds_the_changed_slots():
+    old = EplbPolicy.rebalance_experts(WEIGHT, 16, 4, 2, 8)
+    policy = EplbPolicy.configure("eplb", max_moves=2)
+    new = policy.rebalance_experts(WEIGHT.flip(1), 16, 4, 2, 8, old)
+    assert ((new != old).sum(1) <= 2).all()
+    Placement(new, num_experts=12, num_gpus=8)  # a valid placement
+
+
+def test_preserve_intragpu_slots_keeps_staying_experts_and_the_multiset():
+    old = np.array([[0, 1, 0, 2, 3, 4, 5, 6, 1, 2]])
+    new = np.array([[0, 5, 4, 0, 1, 6, 2, 3, 2, 1]])
+    post = EplbPolicy.preserve_intragpu_slots(new, 2, old)
+    assert post.tolist() == [[0, 1, 0, 5, 4, 3, 2, 6, 1, 2]]
+    assert EplbPolicy.preserve_intragpu_slots(new, 2, old[:, :8]) is new  # EP size changed: untouched
+
+
+def test_bad_counts_raise_what_vllm_callers_catch():
+    with pytest.raises(AssertionError, match="multiple of the EP size"):
+        EplbPolicy.rebalance_experts(WEIGHT, 15, 4, 2, 8)
+    assert issubclass(PolicyInputError, eplb.EplbError)
+
+
+def test_legacy_interface_returns_fixed_width_maps():
+    phy2log, log2phy, logcnt = LegacyEplbPolicy.rebalance_experts(WEIGHT, 16, 4, 2, 8)
+    assert log2phy.shape == (2, 12, 5) and logcnt.sum(1).tolist() == [16, 16]
+    for layer in range(2):
+        for expert in range(12):
+            slots = [s for s in log2phy[layer, expert].tolist() if s >= 0]
+            assert sorted(slots) == (phy2log[layer] == expert).nonzero().flatten().tolist()
+
+
+def test_same_balance_and_slot_keeping_as_vllm_default_policy():
+    # vLLM's numpy port breaks some ties unlike the reference (eplb follows the reference), so
+    # the placements (and on near-ties the peak GPU loads, slightly) may differ.
+    default = _vllm_default()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        weight = torch.from_numpy(rng.permutation(48).reshape(2, 24).astype(np.float32) * 7 + 1)
+        for groups, nodes, ranks in ((8, 2, 8), (3, 2, 4), (4, 4, 8)):
+            want = default.rebalance_experts(weight, 32, groups, nodes, ranks)
+            got = EplbPolicy.rebalance_experts(weight, 32, groups, nodes, ranks)
+            loads = [Placement(p, num_experts=24, num_gpus=ranks).gpu_load(weight.double()).max(-1).values
+                     for p in (got, want)]
+            assert torch.allclose(*loads, rtol=0.02)  # near-ties may go either way
+            old = want.roll(3, 1).numpy()
+            assert (EplbPolicy.preserve_intragpu_slots(got.numpy(), ranks, old).tolist()
+                    == default.preserve_intragpu_slots(got.numpy(), ranks, old).tolist())
+
+
+def test_install_replaces_the_policy_vllm_selects():
+    policies = pytest.importorskip("vllm.distributed.eplb.policy",
+                                   reason="vLLM is not importable: run scripts/interop.py")
+    before = policies.EPLB_POLICIES["default"]
+    try:
+        installed = install("auto", max_moves=4)
+        assert policies.EPLB_POLICIES["default"] is installed
+        assert installed.max_moves == 4 and issubclass(installed, EplbPolicy)
+        phy2log = policies.EPLB_POLICIES["default"].rebalance_experts(WEIGHT, 16, 4, 2, 8)
+        assert phy2log.shape == (2, 16)
+    finally:
+        policies.EPLB_POLICIES["default"] = before

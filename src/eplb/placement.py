@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from eplb.cluster import check_sizes, require_count
+from eplb.cluster import check_sizes, is_count, require_count
 from eplb.errors import EplbError
 from eplb.metrics import gpu_totals
 
@@ -199,15 +199,20 @@ class Placement:
         try:
             # No dtype: a float id must fail validation, not be truncated to an expert id.
             phy2log = torch.tensor(data["phy2log"])
-            num_experts, num_gpus = int(data["num_experts"]), int(data["num_gpus"])
-            num_nodes = int(data.get("num_nodes", 1))
+            # As stored: validation rejects 4.7 GPUs rather than truncating it to 4.
+            num_experts, num_gpus = data["num_experts"], data["num_gpus"]
+            num_nodes = data.get("num_nodes", 1)
         except KeyError as missing:
             raise EplbError(f"placement data lacks the key {missing}; write it with Placement.to_dict()") from None
         except (TypeError, ValueError, RuntimeError) as exc:
             raise EplbError(f"placement data is malformed ({exc}); write it with Placement.to_dict()") from None
+        for key, value in (("num_experts", num_experts), ("num_gpus", num_gpus), ("num_nodes", num_nodes)):
+            if not is_count(value):
+                raise EplbError(f"placement data is malformed ({key} is {value!r}, not a positive integer); "
+                                "write it with Placement.to_dict()")
         placement = cls(phy2log, num_experts, num_gpus, num_nodes, algorithm=str(data.get("algorithm", "")))
         for key in ("num_layers", "num_slots"):
-            if key in data and int(data[key]) != getattr(placement, key):
+            if key in data and data[key] != getattr(placement, key):
                 raise EplbError(
                     f"placement data says {key}={data[key]} but phy2log gives {getattr(placement, key)}; fix the file"
                 )

@@ -27,15 +27,23 @@ def atomic_write(path: PathLike, data: bytes | str) -> Path:
     The bytes go to a temporary file in the same directory (``os.replace`` is atomic only within
     one file system), which is flushed and fsync'ed before it replaces ``path``; the directory is
     fsync'ed after, so the rename itself survives a power loss. On any failure the temporary file
-    is removed and the old ``path`` is left untouched.
+    is removed and the old ``path`` is left untouched. A symlink's target is replaced (the link
+    stays); a path that exists but is not a regular file (a device, pipe or socket) is refused.
     """
-    path = Path(path)
+    given = path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    # A symlink stays a symlink: the new content replaces its target (where the link points).
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if not path.parent.is_dir():
-        raise EplbError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+        raise EplbError(f"cannot write {given}: the directory {path.parent} does not exist; create it first")
     if path.is_dir():
-        raise EplbError(f"cannot write {path}: it is a directory; pass a file name")
+        raise EplbError(f"cannot write {given}: it is a directory; pass a file name")
+    if path.exists() and not path.is_file():
+        # A device, pipe or socket (-o /dev/stdout) would be replaced by a regular file.
+        raise EplbError(f"cannot write {given}: it is not a regular file (a device, pipe or socket); "
+                        "pass a file name")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide, as for open().
@@ -48,10 +56,10 @@ def atomic_write(path: PathLike, data: bytes | str) -> Path:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise EplbError(f"cannot write {path} ({exc.strerror or exc}); check the directory is writable") from exc
+            raise EplbError(f"cannot write {given} ({exc.strerror or exc}); check the directory is writable") from exc
         raise
     _fsync_dir(path.parent)
-    return path
+    return given
 
 
 def _fsync_dir(directory: Path) -> None:

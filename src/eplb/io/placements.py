@@ -38,7 +38,7 @@ import torch
 from eplb._version import __version__
 from eplb.errors import EplbError
 from eplb.io.atomic import PathLike, atomic_write
-from eplb.io.decode import import_yaml, load_json, load_torch, load_yaml, require_file
+from eplb.io.decode import content_errors, import_yaml, placement_loader, require_file
 from eplb.placement import EMPTY_SLOT, Placement
 
 PLACEMENT_FORMATS = ("eplb", "sglang", "trtllm", "vllm")
@@ -106,7 +106,7 @@ def read_placement_file(
     """Read a placement file: eplb or vLLM JSON, SGLang init file (JSON or ``.pt``), TensorRT-LLM YAML.
 
     Args:
-        path: the file; ``.yaml``/``.yml`` is read as YAML, ``.pt`` with ``torch.load``, others as JSON.
+        path: the file, read by its content (a torch save, JSON, else YAML) whatever its extension.
         num_gpus: ``G``. SGLang and TensorRT-LLM files do not record it, so it is required for
             them; for eplb and vLLM files it is checked against the file when given.
         num_nodes: ``N``, likewise (default: the eplb file's, else 1).
@@ -116,13 +116,17 @@ def read_placement_file(
     """
     path = Path(path)
     require_file(path, "placement file")
-    suffix = path.suffix.lower()
+    with content_errors(path, "placement file", "write it with eplb.io.write_placement"):
+        return _decode(path, num_gpus, num_nodes)
+
+
+def _decode(path: Path, num_gpus: int | None, num_nodes: int | None) -> PlacementFile:
     try:
-        if suffix in (".yaml", ".yml"):
-            return _decode_trtllm(load_yaml(path), path, num_gpus, num_nodes)
-        data = load_torch(path) if suffix == ".pt" else load_json(path)
+        data = placement_loader(path)(path)
     except OSError as exc:
         raise EplbError(f"cannot read {path} ({exc.strerror or exc}); check it is readable") from None
+    if path.suffix.lower() in (".yaml", ".yml") or (isinstance(data, Mapping) and "initial_global_assignments" in data):
+        return _decode_trtllm(data, path, num_gpus, num_nodes)
     if isinstance(data, Mapping):
         if "phy2log" in data:
             return _decode_eplb(data, path, num_gpus, num_nodes)

@@ -19,6 +19,7 @@ import eplb
 from eplb import io, planning
 from eplb.cluster import Cluster, check_cluster, require_count
 from eplb.errors import EplbError
+from eplb.integrations.commands import COMMANDS as ENGINE_COMMANDS
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
 from eplb.planning.hedged import HEDGED, HedgedConfig
@@ -297,6 +298,8 @@ def _legend(names: list[str]) -> str:
 # Commands that live with their wing; registered here so that `eplb --help` lists them.
 main.add_command(simulate_command)
 main.add_command(report_command)
+for _command in ENGINE_COMMANDS:
+    main.add_command(_command)
 
 
 def run(argv: list[str] | None = None) -> int:

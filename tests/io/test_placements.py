@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from hypothesis import strategies as st
 from eplb.errors import EplbError
 from eplb.io import PLACEMENT_FORMATS, read_placement, read_placement_file, write_placement
 from eplb.placement import Placement
+
+# Most tests write engine files without layer ids on purpose; the warning itself is tested below.
+pytestmark = pytest.mark.filterwarnings("ignore:writing .* with rows taken as model layers:UserWarning")
 
 SUFFIX = {"eplb": ".json", "sglang": ".json", "trtllm": ".yaml", "vllm": ".json"}
 
@@ -245,3 +249,38 @@ def test_missing_and_corrupt_files(tmp_path):
         read_placement(_write(tmp_path / "cut.json", '{"phy2log": [[0, 1'))
     with pytest.raises(EplbError, match="cannot read .* as a torch file"):
         read_placement(_write(tmp_path / "bad.pt", "not a pickle"), num_gpus=1)
+
+
+# Model layers, updates per iteration, the layer-id warning -------------------------------------
+
+
+def test_engine_file_without_layer_ids_warns(tmp_path):
+    with pytest.warns(UserWarning, match="rows taken as model layers 0..2"):
+        write_placement(make_placement(), tmp_path / "a.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_placement(make_placement(), tmp_path / "a.json")  # eplb records its layer ids itself
+        write_placement(make_placement(), tmp_path / "b.pt", layer_ids=[0, 1, 2])
+
+
+def test_trtllm_gets_every_moe_layer_up_to_model_layers(tmp_path):
+    placement = make_placement()
+    target = write_placement(placement, tmp_path / "lb.yaml", layer_ids=[3, 4, 5], model_layers=8,
+                             updates_per_iter=2)
+    data = yaml.safe_load(target.read_text())
+    assert list(data["initial_global_assignments"]) == [3, 4, 5, 6, 7]
+    assert data["initial_global_assignments"][7] == [p % 8 for p in range(12)]
+    assert data["initial_global_assignments"][3] == placement.phy2log[0].tolist()
+    assert data["layer_updates_per_iter"] == 2
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"path": "a.pt", "model_layers": 61}, "61 rows, these are 3"),
+    ({"path": "a.yaml", "model_layers": 2, "layer_ids": [0, 1, 2]}, "beyond a model of 2 layers"),
+    ({"path": "a.pt", "updates_per_iter": 1}, "TensorRT-LLM setting"),
+    ({"path": "a.yaml", "updates_per_iter": -1}, "updates_per_iter must be"),
+])
+def test_model_layers_and_updates_refusals(tmp_path, kwargs, match):
+    path = tmp_path / kwargs.pop("path")
+    with pytest.raises(EplbError, match=match):
+        write_placement(make_placement(), path, **kwargs)

@@ -11,7 +11,7 @@ Formats (``PLACEMENT_FORMATS``; without ``format=`` the extension decides):
   suffix and reads row ``l`` as model layer ``l``.
 - ``trtllm`` (``.yaml``, ``.yml``): TensorRT-LLM's ``moe_config.load_balancer`` file:
   ``num_slots``, ``initial_global_assignments`` {layer id (int): [logical expert of each slot]} and
-  ``layer_updates_per_iter: 0`` (a static placement). Its config model forbids other keys.
+  ``layer_updates_per_iter`` (0: a static placement). Its config model forbids other keys.
 - ``vllm`` (``.json`` with ``format="vllm"``): ``{"num_layers", "num_physical_experts",
   "num_logical_experts", "ep_size", "layer_ids", "physical_to_logical_map": [L, P]}``. vLLM reads no
   placement file (its ``EplbState`` keeps ``physical_to_logical_map [MoE layers, P]`` in memory);
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -74,6 +75,8 @@ def write_placement(
     *,
     layer_ids: Sequence[int] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    model_layers: int | None = None,
+    updates_per_iter: int = 0,
 ) -> Path:
     """Write ``placement`` for an engine (or for eplb) atomically; return the path written.
 
@@ -85,14 +88,57 @@ def write_placement(
         layer_ids: ``[L]``: the model layer id of each row, default ``range(L)``. TensorRT-LLM keys
             its assignments by them, eplb and vllm files record them; SGLang takes row ``l`` as
             layer ``l``, so it accepts only ``range(L)``.
+            Without them an engine file is written with a warning: its rows are taken as layers
+            ``0..L-1``, which is wrong when the statistics left out dense layers.
         metadata: JSON-ready facts to keep in an eplb file (e.g. the statistics file and the
             cluster spec); the engines' formats have no room for it and leave it out.
+        model_layers: the model's layer count, MTP layers included, when known. SGLang wants one
+            row per model layer, so a different row count is refused. TensorRT-LLM looks up every MoE
+            layer id, so the layers after the last row (MTP) get the linear placement (slot ``p``
+            holds expert ``p mod E``, the engines' own start).
+        updates_per_iter: TensorRT-LLM's ``layer_updates_per_iter``: 0 keeps the placement static,
+            ``n > 0`` lets its online balancer update ``n`` layers per iteration from it.
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
+    if layer_ids is None and fmt != "eplb":
+        warnings.warn(
+            f"writing {path.name} ({fmt}) with rows taken as model layers 0..{placement.num_layers - 1}; pass "
+            "layer_ids (statistics with layer ids) if the rows leave out dense or MTP layers",
+            UserWarning, stacklevel=2,
+        )
     ids = _check_layer_ids(layer_ids, placement.num_layers)
-    data = _ENCODERS[fmt](placement, path, ids, dict(metadata or {}))
+    if model_layers is not None:
+        placement, ids = _fit_model_layers(placement, ids, fmt, model_layers)
+    if not (isinstance(updates_per_iter, int) and 0 <= updates_per_iter <= placement.num_layers):
+        raise EplbError(f"updates_per_iter must be an integer in [0, {placement.num_layers}] (the MoE layers), "
+                        f"got {updates_per_iter!r}; 0 keeps the placement static")
+    if updates_per_iter and fmt != "trtllm":
+        raise EplbError(f"updates_per_iter is a TensorRT-LLM setting; the {fmt} format has no room for it: drop it")
+    metadata = dict(metadata or {}, **({"updates_per_iter": updates_per_iter} if fmt == "trtllm" else {}))
+    data = _ENCODERS[fmt](placement, path, ids, metadata)
     return atomic_write(path, data)
+
+
+def _fit_model_layers(placement: Placement, ids: list[int], fmt: str, model_layers: int) -> tuple[Placement, list[int]]:
+    """The placement and layer ids to write for a model of ``model_layers`` layers (see ``write_placement``)."""
+    if not (isinstance(model_layers, int) and model_layers >= 1):
+        raise EplbError(f"model_layers must be a positive integer, got {model_layers!r}; pass num_hidden_layers")
+    if max(ids) >= model_layers:
+        raise EplbError(f"layer id {max(ids)} is beyond a model of {model_layers} layers; pass the model's "
+                        "layer count (MTP layers included)")
+    if fmt == "sglang" and placement.num_layers != model_layers:
+        raise EplbError(
+            f"SGLang wants one row per model layer: {model_layers} rows, these are {placement.num_layers}; plan on "
+            "statistics with a row per model layer (SGLang's own dumps), or write the trtllm or eplb format"
+        )
+    extra = list(range(max(ids) + 1, model_layers))
+    if fmt != "trtllm" or not extra:
+        return placement, ids
+    linear = (torch.arange(placement.num_slots) % placement.num_experts).expand(len(extra), -1)
+    phy2log = torch.cat([placement.phy2log, linear])
+    return Placement(phy2log, placement.num_experts, placement.num_gpus, placement.num_nodes,
+                     algorithm=placement.algorithm), ids + extra
 
 
 def read_placement(path: PathLike, *, num_gpus: int | None = None, num_nodes: int | None = None) -> Placement:
@@ -230,7 +276,7 @@ def _encode_trtllm(placement: Placement, path: Path, ids: list[int], metadata: d
     config = {
         "num_slots": placement.num_slots,
         "initial_global_assignments": dict(zip(ids, placement.phy2log.tolist(), strict=False)),
-        "layer_updates_per_iter": 0,
+        "layer_updates_per_iter": metadata["updates_per_iter"],
     }
     # A width no row reaches: one line per layer (libyaml takes a C int, not infinity).
     return yaml.dump(config, Dumper=FlowListDumper, sort_keys=False, width=1 << 30).encode("utf-8")

@@ -20,6 +20,7 @@ from eplb import io, planning
 from eplb.cluster import Cluster, check_cluster, require_count
 from eplb.errors import EplbError
 from eplb.integrations.commands import COMMANDS as ENGINE_COMMANDS
+from eplb.io.placements import _brief
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
 from eplb.planning.hedged import HEDGED, HedgedConfig
@@ -162,7 +163,7 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
         raise EplbError(f"{HEDGED_FLAGS} tune the eplb algorithm, not {algorithm}; drop them or use -a eplb")
     if max_moves is not None and current is None:
         raise EplbError("--max-moves bounds the change from a placement: pass --current FILE too")
-    serving = io.read_placement(current, num_gpus=req.gpus, num_nodes=req.nodes) if current else None
+    serving = _read_current(current, req) if current else None
     with _console(stderr=True).status(f"planning with {algorithm}"):
         placement, seconds = _timed(lambda: req.plan(algorithm, current=serving, max_moves=max_moves))
     report = evaluate(placement, req.stats.load)
@@ -178,6 +179,10 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
         + (f", remote nodes/token {report.layer_mean(traffic):.3f}" if traffic is not None else "")
         + f", planned in {seconds * 1e3:.1f} ms"
     )
+    console.print("gap to bound: how far the busiest GPU is above the lowest peak any placement could reach "
+                  "(eplb.metrics.lower_bound).", highlight=False)
+    console.print("duplicates: slots holding a second copy of an expert on the same GPU (a wasted slot).",
+                  highlight=False)
     if req.stats.dense:
         ids = [req.stats.layer_ids[r] for r in req.stats.dense]
         console.print(f"dense layers (no load, planned uniformly): {', '.join(map(str, ids))}")
@@ -192,7 +197,20 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
     if output:
         written = io.write_placement(placement, output, format=fmt, layer_ids=req.stats.layer_ids,
                                      metadata={"stats": req.stats_name, "algorithm": placement.algorithm})
-        console.print(f"wrote {written}")
+        # Read back: proves the file round-trips and names the format the extension (or -f) chose.
+        kind = io.read_placement_file(written, num_gpus=req.gpus, num_nodes=req.nodes).format
+        console.print(f"wrote {written} ({kind} format)")
+
+
+def _read_current(path: str, req: Request) -> Placement:
+    """The ``--current`` placement, checked to cover the same model layers as the statistics."""
+    serving = io.read_placement_file(path, num_gpus=req.gpus, num_nodes=req.nodes)
+    if serving.layer_ids != req.stats.layer_ids:
+        raise EplbError(
+            f"--current {path} is for model layers {_brief(serving.layer_ids)} but the statistics have "
+            f"{_brief(req.stats.layer_ids)}; pass the placement now serving these layers"
+        )
+    return serving.placement
 
 
 def _layer_table(req: Request, report: BalanceReport, traffic: torch.Tensor | None) -> Table:

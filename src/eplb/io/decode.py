@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,8 +76,11 @@ def load_yaml(path: Path) -> Any:
 
 def load_torch(path: Path) -> Any:
     try:
-        # weights_only: a statistics or placement file never needs to run code to load.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: a statistics or placement file never needs to run code to load. A corrupt
+        # file can make torch warn (pickle protocol) before it fails: the failure is the one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not a torch save
         raise EplbError(
             f"cannot read {path} as a torch file ({first_line(exc)}); pass a torch.save of tensors, lists and dicts"

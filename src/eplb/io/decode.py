@@ -176,14 +176,24 @@ def sniff(path: Path) -> str:
 
 def placement_loader(path: Path) -> Callable[[Path], Any]:
     """The loader of a placement file by its content (a torch save, JSON, else YAML), whatever its name;
-    a ``.pt`` file that is neither is left to torch, whose error names the file as a broken torch save."""
+    a ``.pt`` file that is none of them is reported as a broken torch save."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith((b"PK\x03\x04", b"\x80")):
         return load_torch
     if head.lstrip()[:1] in (b"{", b"["):
         return load_json
-    return load_torch if path.suffix.lower() in (".pt", ".pth") else load_yaml
+    return _yaml_or_torch if path.suffix.lower() in (".pt", ".pth") else load_yaml
+
+
+def _yaml_or_torch(path: Path) -> Any:
+    try:
+        data = load_yaml(path)
+    except EplbError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    return load_torch(path)  # raises: the content is not a torch save either
 
 
 def _is_number(cell: str) -> bool:

@@ -171,7 +171,9 @@ def _decode(path: Path, num_gpus: int | None, num_nodes: int | None) -> Placemen
         data = placement_loader(path)(path)
     except OSError as exc:
         raise EplbError(f"cannot read {path} ({exc.strerror or exc}); check it is readable") from None
-    if path.suffix.lower() in (".yaml", ".yml") or (isinstance(data, Mapping) and "initial_global_assignments" in data):
+    other = isinstance(data, Mapping) and ("phy2log" in data or _SGLANG_KEY in data)  # eplb/SGLang/vLLM content
+    if (isinstance(data, Mapping) and "initial_global_assignments" in data) or (
+            path.suffix.lower() in (".yaml", ".yml") and not other):
         return _decode_trtllm(data, path, num_gpus, num_nodes)
     if isinstance(data, Mapping):
         if "phy2log" in data:

@@ -8,7 +8,7 @@ import click
 
 from eplb.errors import EplbError
 from eplb.integrations import sglang
-from eplb.io.placements import read_placement
+from eplb.io.placements import read_placement, read_placement_file
 
 
 @click.command("sglang-args")
@@ -16,8 +16,11 @@ from eplb.io.placements import read_placement
 @click.option("--ep-size", type=int, help="EP size; required for SGLang files (they do not record it).")
 def sglang_args(path: str, ep_size: int | None) -> None:
     """Print the SGLang server flags that load the placement file PATH as it is."""
-    placement = read_placement(path, num_gpus=ep_size)
-    click.echo(shlex.join(sglang.server_args(placement, path)))
+    file = read_placement_file(path, num_gpus=ep_size)
+    if file.format != "sglang":
+        raise click.ClickException(f"{path} is a {file.format} file, which SGLang rejects; write it with "
+                                   "`eplb plan ... -o FILE.pt` (or --format sglang)")
+    click.echo(shlex.join(sglang.server_args(file.placement, path)))
 
 
 @click.command("check")

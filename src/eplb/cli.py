@@ -20,6 +20,7 @@ from eplb import io, planning
 from eplb.cluster import Cluster, check_cluster, require_count
 from eplb.errors import EplbError
 from eplb.integrations.commands import COMMANDS as ENGINE_COMMANDS
+from eplb.integrations.commands import after_write, output_options
 from eplb.io.placements import _brief
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
@@ -152,11 +153,12 @@ def main() -> None:
 @click.option("--max-moves", type=int, help="With --current: at most this many slots change per layer.")
 @click.option("--bytes-per-expert", type=int, help="Weight bytes of one expert, to report the bytes moved.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Print the per-layer table.")
+@output_options
 def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | None,
          groups: int | None, top_k: int, topk_groups: int | None, risk: float | None,
          half_life: float | None, locality: float | None, algorithm: str, output: str | None,
          fmt: str | None, current: str | None, max_moves: int | None, bytes_per_expert: int | None,
-         layers: bool) -> None:
+         layers: bool, model_layers: int | None, updates_per_iter: int) -> None:
     """Plan replication and placement, print how balanced it is, optionally export it."""
     req = _request(stats, gpus, slots, nodes, groups, top_k, topk_groups, risk, half_life, locality)
     if req.config is not None and algorithm not in ("auto", HEDGED.name):
@@ -196,10 +198,13 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
         )
     if output:
         written = io.write_placement(placement, output, format=fmt, layer_ids=req.stats.layer_ids,
-                                     metadata={"stats": req.stats_name, "algorithm": placement.algorithm})
+                                     metadata={"stats": req.stats_name, "algorithm": placement.algorithm},
+                                     model_layers=model_layers, updates_per_iter=updates_per_iter)
         # Read back: proves the file round-trips and names the format the extension (or -f) chose.
         kind = io.read_placement_file(written, num_gpus=req.gpus, num_nodes=req.nodes).format
         console.print(f"wrote {written} ({kind} format)")
+        if note := after_write(str(written), kind, placement):
+            console.print(note, markup=False, soft_wrap=True)
 
 
 def _read_current(path: str, req: Request) -> Placement:

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
 from eplb.errors import EplbError
 from eplb.integrations import sglang
 from eplb.io.placements import read_placement, read_placement_file
+from eplb.placement import Placement
+
+T = TypeVar("T")
+
+
+def output_options(fn: Callable[..., T]) -> Callable[..., T]:
+    """The engine options of ``eplb plan -o``: ``--model-layers`` and ``--updates-per-iter``."""
+    fn = click.option("--updates-per-iter", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="TensorRT-LLM layer_updates_per_iter (0: static placement).")(fn)
+    return click.option("--model-layers", type=click.IntRange(min=1),
+                        help="The model's layer count, MTP included: SGLang files must have this many rows; "
+                             "TensorRT-LLM files get every MoE layer up to it.")(fn)
+
+
+def after_write(path: str, file_format: str, placement: Placement) -> str | None:
+    """What to print after writing a placement file: for SGLang, the server flags that load it as written."""
+    if file_format != "sglang":
+        return None
+    return "SGLang flags: " + shlex.join(sglang.server_args(placement, path))
 
 
 @click.command("sglang-args")

@@ -105,7 +105,10 @@ def simulation_sections(results: Sequence[SimResult], timeline: list[str] | None
             unique = {(row["policy"], r.setup["dispatch"], r.setup["waterfill"]):
                       {"dispatch": r.setup["dispatch"], "waterfill": r.setup["waterfill"], **row}
                       for r in reversed(group) for row in r.summary()}
-            rows = sorted(unique.values(), key=lambda row: (row["policy"], row["dispatch"], row["waterfill"]))
+            # Policies simulated under every setting only, so that each bar group compares like with like.
+            everywhere = [p for p in dict.fromkeys(k[0] for k in unique)
+                          if all((p, *setting) in unique for setting in settings)]
+            rows = [unique[(p, *setting)] for p in everywhere for setting in sorted(settings)]
             sec.tables.append(Table("Step time with dispatch and waterfill", STEP_COLUMNS,
                                     [step_cells(row) for row in rows]))
             sec.figures.append(plots.step_times(rows))

@@ -47,20 +47,24 @@ def layer_bars(layer_ids: list[int], scores: dict[str, torch.Tensor], fitted_on:
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / max(len(scores), 1)
     x = torch.arange(len(layer_ids), dtype=torch.float64)
+    floor = 1e-5  # excess shown on a log axis: 1.0003 and 2.5 must both be readable
     for i, (name, values) in enumerate(scores.items()):
-        ax.bar((x + i * width - 0.4 + width / 2).tolist(), values.tolist(), width=width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    low = min(float(v.min()) for v in scores.values())
-    ax.set_ylim(max(0.0, min(low, 1.0) - 0.02), None)
+        ax.bar((x + i * width - 0.4 + width / 2).tolist(), (values - 1).clamp(min=floor).tolist(), width=width,
+               label=f"{name} (mean {float(values.mean()):.4f})")
+    ax.set_yscale("log")
+    top = max(float(v.max()) - 1 for v in scores.values())
+    ax.set_ylim(floor, max(top, floor) * 30)  # room for the legend above the bars
     step = max(1, len(layer_ids) // 20)
     ax.set_xticks(x[::step].tolist(), [str(i) for i in layer_ids[::step]])
     ax.set_xlabel("MoE layer (model layer id)")
-    ax.set_ylabel("max / mean GPU load")
+    ax.set_ylabel("max / mean GPU load - 1 (log)")
     ax.legend(ncol=min(len(scores), 4), fontsize=8)
     ax.set_title(f"Per-layer balance of each algorithm's plan, scored on {fitted_on}")
     return Figure("layers", "Per-layer max/mean GPU load per algorithm",
-                  "Each bar is one layer's busiest GPU over its average GPU (1.0 is perfect balance); the step waits "
-                  "for the busiest GPU, so a tall bar is time lost in that layer.", _png(fig))
+                  "Each bar is how far one layer's busiest GPU is above its average GPU (0.01: 1% more load than "
+                  "perfect balance), on a log scale so that 0.1% and 100% both show; the step waits for the "
+                  "busiest GPU, so a tall bar is time lost in that layer. The legend gives the mean max/mean.",
+                  _png(fig))
 
 
 def heatmaps(layer_ids: list[int], before: torch.Tensor, after: torch.Tensor, before_name: str,

@@ -144,15 +144,17 @@ def _sample(expected: torch.Tensor, tokens: int, top_k: int, seed: int, step: in
     order = np.argsort(rng.random((num_layers, _BLOCKS, num_experts)), axis=-1)
     cum = np.cumsum(np.take_along_axis(np.broadcast_to(pi[:, None], order.shape), order, -1), -1)
     whole, frac = np.floor(cum), cum - np.floor(cum)
-    cuts = np.sort(frac, axis=-1)
+    by_cut = np.argsort(frac, axis=-1)
+    cuts = np.take_along_axis(frac, by_cut, -1)
     gaps = np.diff(cuts, prepend=0.0, append=1.0, axis=-1).clip(min=0.0)
     gaps /= gaps.sum(-1, keepdims=True)
     hits = rng.multinomial(np.broadcast_to(sizes[None, :], (num_layers, _BLOCKS)), gaps)  # [L, B, E + 1]
-    below = np.cumsum(hits, -1)[..., :-1]  # uniforms below each sorted cut
-    at = np.take_along_axis(below, np.argsort(np.argsort(frac, -1), -1), -1)  # ... below each expert's cut
+    at = np.empty_like(frac)  # uniforms below each expert's cut
+    np.put_along_axis(at, by_cut, np.cumsum(hits, -1)[..., :-1], -1)
     reach = whole * sizes[None, :, None] + at  # picks up to the end of each expert's stretch
-    picked = np.diff(reach, prepend=0.0, axis=-1)  # [L, B, E] in each block's order
-    counts = np.take_along_axis(picked, np.argsort(order, -1), -1).sum(1)
+    picked = np.empty_like(reach)  # back from each block's order to expert order
+    np.put_along_axis(picked, order, np.diff(reach, prepend=0.0, axis=-1), -1)
+    counts = picked.sum(1)
     counts[total.squeeze(-1).numpy() == 0] = 0.0
     return torch.from_numpy(counts)
 

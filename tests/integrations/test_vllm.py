@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import eplb
+from eplb.integrations import vllm
 from eplb.integrations.vllm import EplbPolicy, LegacyEplbPolicy, PolicyInputError, install
+from eplb.io.placements import read_placement, write_placement
 from eplb.placement import Placement
 
 WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -99,3 +101,27 @@ def test_install_replaces_the_policy_vllm_selects():
         assert phy2log.shape == (2, 16)
     finally:
         policies.EPLB_POLICIES["default"] = before
+
+
+def test_initial_placement_is_the_first_rearrangement(tmp_path):
+    first = eplb.plan(WEIGHT.flip(1), num_gpus=8, num_slots=16)
+    path = write_placement(first, tmp_path / "v.json", format="vllm", layer_ids=[3, 4])
+    policy = EplbPolicy.configure("auto", initial=read_placement(path).phy2log)
+    assert torch.equal(policy.rebalance_experts(WEIGHT, 16, 4, 2, 8), first.phy2log)
+    assert torch.equal(policy.rebalance_experts(WEIGHT, 16, 4, 2, 8),
+                       EplbPolicy.configure("auto").rebalance_experts(WEIGHT, 16, 4, 2, 8))
+    wrong = EplbPolicy.configure(initial=first.phy2log[:1])
+    with pytest.raises(PolicyInputError, match="MoE layers"):
+        wrong.rebalance_experts(WEIGHT, 16, 4, 2, 8)
+
+
+def test_plugin_installs_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(vllm, "install", lambda *args: calls.append(args))
+    monkeypatch.delenv(vllm.ALGORITHM_ENV, raising=False)
+    vllm.plugin()
+    assert calls == []
+    monkeypatch.setenv(vllm.ALGORITHM_ENV, "eplb")
+    monkeypatch.setenv(vllm.MAX_MOVES_ENV, "3")
+    vllm.plugin()
+    assert calls == [("eplb", 3, None)]

@@ -13,6 +13,11 @@ selects by default (``--eplb-config '{"policy": "default"}'``), so no vLLM optio
   ``max_moves`` bounds the slots per layer whose expert changes (each costs one weight copy).
 
 Either way, an expert that stays on a GPU keeps its slot there (vLLM's ``preserve_intragpu_slots``).
+
+vLLM has no hook for an initial placement: it loads every layer's expert weights by one linear map
+(slot ``p`` holds expert ``p mod E``) before any policy runs. ``install(initial=FILE)`` does the
+next best thing: vLLM's first rearrangement (after ``step_interval`` steps) moves the weights to the
+file's placement instead of a planned one; later rearrangements plan as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
+from eplb.io.placements import read_placement
 from eplb.placement import Placement
 from eplb.planning.deepseek import rebalance_experts as deepseek_rebalance
 from eplb.planning.migration.align import align
@@ -31,6 +37,7 @@ from eplb.planning.planner import plan
 
 ALGORITHM_ENV = "EPLB_VLLM_ALGORITHM"
 MAX_MOVES_ENV = "EPLB_VLLM_MAX_MOVES"
+INITIAL_ENV = "EPLB_VLLM_INITIAL"
 
 
 class PolicyInputError(EplbError, AssertionError):
@@ -46,11 +53,16 @@ class EplbPolicy:
 
     algorithm: str = "deepseek"
     max_moves: int | None = None
+    # [L, P] placement returned by the first call instead of a plan; a list so the first call can empty it.
+    initial: list[torch.Tensor] = []
 
     @classmethod
-    def configure(cls, algorithm: str = "deepseek", max_moves: int | None = None) -> type[EplbPolicy]:
-        """A subclass planning with ``algorithm`` (an eplb algorithm name) and the move budget ``max_moves``."""
-        return type(cls.__name__, (cls,), {"algorithm": algorithm, "max_moves": max_moves})
+    def configure(cls, algorithm: str = "deepseek", max_moves: int | None = None,
+                  initial: torch.Tensor | None = None) -> type[EplbPolicy]:
+        """A subclass planning with ``algorithm`` (an eplb algorithm name) and the move budget
+        ``max_moves``, whose first call returns ``initial [L, P]`` when given."""
+        return type(cls.__name__, (cls,), {"algorithm": algorithm, "max_moves": max_moves,
+                                          "initial": [] if initial is None else [initial]})
 
     @classmethod
     def rebalance_experts(
@@ -83,6 +95,14 @@ class EplbPolicy:
                 "set --eplb-config num_redundant_experts so that experts + redundant is a multiple of the EP size"
             )
         old = _current(old_global_expert_indices, weight.shape, num_replicas)
+        if cls.initial:
+            initial = cls.initial.pop()
+            if initial.shape != (weight.shape[0], num_replicas):
+                raise PolicyInputError(
+                    f"the initial placement is {tuple(initial.shape)} but vLLM has {weight.shape[0]} MoE layers and "
+                    f"{num_replicas} slots; write it from statistics of this model's MoE layers with this slot count"
+                )
+            return initial.clone()
         if cls.algorithm == "deepseek":
             phy2log = deepseek_rebalance(weight, num_replicas, num_groups, num_nodes, num_ranks)[0]
             if old is None:
@@ -147,18 +167,22 @@ class LegacyEplbPolicy:
         return placement.phy2log, padded, placement.logcnt
 
 
-def install(algorithm: str = "deepseek", max_moves: int | None = None) -> type[EplbPolicy]:
+def install(algorithm: str = "deepseek", max_moves: int | None = None,
+            initial: str | os.PathLike[str] | None = None) -> type[EplbPolicy]:
     """Make vLLM plan with eplb: call once in every process that runs vLLM's EPLB (before the engine
     starts; with ``plugin`` as a ``vllm.general_plugins`` entry point vLLM does it in each worker).
 
     Args:
         algorithm: an eplb algorithm name (``eplb.planning.names()``) or ``"auto"``.
         max_moves: the most slots per layer whose expert may change at one rearrangement, or None.
+        initial: a placement file (any eplb format; a vllm file records its EP size) with one row per
+            MoE layer, to reach at vLLM's first rearrangement.
 
     Returns:
         The policy class installed.
     """
-    policy = EplbPolicy.configure(algorithm, max_moves)
+    phy2log = None if initial is None else read_placement(initial).phy2log
+    policy = EplbPolicy.configure(algorithm, max_moves, phy2log)
     try:
         from vllm.distributed.eplb import policy as policies
     except ImportError:
@@ -180,11 +204,12 @@ def install(algorithm: str = "deepseek", max_moves: int | None = None) -> type[E
 
 def plugin() -> None:
     """vLLM ``general_plugins`` entry point: installs eplb when ``EPLB_VLLM_ALGORITHM`` is set
-    (``EPLB_VLLM_MAX_MOVES``: the move budget), and does nothing otherwise."""
+    (``EPLB_VLLM_MAX_MOVES``: the move budget, ``EPLB_VLLM_INITIAL``: the initial placement file),
+    and does nothing otherwise."""
     algorithm = os.environ.get(ALGORITHM_ENV)
     if algorithm:
         budget = os.environ.get(MAX_MOVES_ENV)
-        install(algorithm, int(budget) if budget else None)
+        install(algorithm, int(budget) if budget else None, os.environ.get(INITIAL_ENV) or None)
 
 
 def _current(old: Any, shape: torch.Size, num_replicas: int) -> torch.Tensor | None:

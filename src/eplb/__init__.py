@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from eplb import traffic  # noqa: F401  (eplb.traffic.expected_remote_nodes works after `import eplb`)
 from eplb._version import __version__ as __version__
 from eplb.errors import EplbError
 from eplb.metrics import BalanceReport, evaluate, lower_bound
@@ -27,6 +28,8 @@ _LAZY = {
     "WaterfillBalancer": "eplb.runtime.waterfill",
     "simulate": "eplb.simulation",
     "WaterfillConfig": "eplb.runtime.waterfill",
+    "Rebalancer": "eplb.runtime.rebalancer",
+    "RebalancerConfig": "eplb.runtime.rebalancer",
 }
 
 
@@ -44,6 +47,8 @@ __all__ = [
     "ExpertLoadRecorder",
     "MigrationCost",
     "Placement",
+    "Rebalancer",
+    "RebalancerConfig",
     "WaterfillBalancer",
     "WaterfillConfig",
     "evaluate",

@@ -82,7 +82,7 @@ def heatmaps(layer_ids: list[int], before: torch.Tensor, after: torch.Tensor, be
     axes[0].set_yticks(list(range(0, len(layer_ids), step)), [str(i) for i in layer_ids[::step]])
     axes[0].set_ylabel("MoE layer")
     fig.colorbar(im, ax=axes, label="GPU load / layer mean")
-    return Figure("heatmap", f"Per-GPU load before ({before_name}) and after ({after_name})",
+    return Figure("heatmap", f"Per-GPU load: {before_name} against {after_name}",
                   "Each row is a layer, each column a GPU; colour is that GPU's tokens over the layer's average. "
                   "A balanced placement is one even colour; bright cells are the GPUs everyone waits for.",
                   _png(fig))
@@ -166,7 +166,7 @@ def step_times(rows: list[dict[str, Any]]) -> Figure:
     ax.set_ylabel("mean MoE time per step (ms)")
     low = min(r["step_ms"] for r in rows)
     ax.set_ylim(min(low, min(ideal)) * 0.95, None)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.set_title("Step time per policy with dispatch and waterfill on and off")
     return Figure("step_time", "Step time per policy, dispatch and waterfill",
                   "Bars are the mean estimated MoE time of a step (all layers) for each policy under each dispatch "

@@ -7,7 +7,8 @@ slot's expert, so every one is a local copy). Timed, each the median of ``--repe
 
 - ``copy_bound``: one plain ``copy_`` of the moved bytes (the device's copy bandwidth);
 - ``stage``: the local copies into staging rows, without and with source checksums;
-- ``checksum``: the receiver's checksums of the staged rows (``verify``);
+- ``checksum``: the receiver's checksums of the staged rows (``verify``; Triton on CUDA), and
+  ``checksum_torch`` the same in plain torch;
 - ``commit``: the in-place copy of the staged rows into the engine's tensors;
 - ``migrate``: the whole single-GPU ``migrate`` call (plan, stage, verify, vote, commit).
 
@@ -97,6 +98,7 @@ def run(label: str, tensors: dict[str, torch.Tensor], moves: int, repeats: int, 
         "stage": lambda: stage(False),
         "stage_checksummed": lambda: stage(True),
         "checksum": lambda: [checksum(staged.rows[:, s.offset : s.offset + s.nbytes]) for s in segments],
+        "checksum_torch": lambda: [checksum(staged.rows[:, s.offset : s.offset + s.nbytes], "torch") for s in segments],
         "commit": lambda: transfer.commit(weights, t, staged, 0),
         "migrate": whole_call,
     }

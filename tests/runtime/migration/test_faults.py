@@ -72,12 +72,12 @@ def _inject(patch: pytest.MonkeyPatch, phase: str, kind: str) -> None:
     elif phase == "verify":
         verify = transfer_module.verify
 
-        def faulty_verify(weights, t, staged, rank):
+        def faulty_verify(weights, t, staged, *args):
             if t.layer == LAYER and kind == "corrupt":  # a staged buffer
                 staged.rows[-1, 0] ^= 0xFF
             elif t.layer == LAYER:
-                return act(lambda: verify(weights, t, staged, rank))
-            return verify(weights, t, staged, rank)
+                return act(lambda: verify(weights, t, staged, *args))
+            return verify(weights, t, staged, *args)
 
         patch.setattr(transfer_module, "verify", faulty_verify)
     else:

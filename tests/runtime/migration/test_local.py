@@ -96,6 +96,7 @@ def test_checksum_is_the_documented_sum_and_catches_any_flip_or_swap(monkeypatch
     wide = torch.zeros(5, 4200, dtype=torch.uint8)
     wide[:, 1:4100] = rows
     assert torch.equal(checksum(wide[:, 1:4100]), got) and torch.equal(checksum(wide[[4, 0], 1:4100]), got[[4, 0]])
+    assert torch.equal(checksum(wide[2:3, 1:4100]), got[2:3])  # one row: size-1 dims keep odd strides
     flipped = rows.clone()
     flipped[2, 4098] ^= 1
     assert (checksum(flipped) != got).tolist() == [False, False, True, False, False]

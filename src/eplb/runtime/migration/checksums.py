@@ -10,7 +10,8 @@ It works for every dtype (fp8, int8, bf16, fp32: only bytes are read). Every wei
 change of any one word changes its term and so the sum; the position weights make moved words
 change it too (a reordering goes unseen only if the changed terms happen to cancel). Products
 stay 32-bit and are summed exactly, so the cost is a read of the data and a pass over a 32-bit
-temporary, and every device and reduction order gives the same value.
+temporary in torch (one read of the data in the Triton kernel of ``checksums_triton``), and
+every device, backend and reduction order gives the same value.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from eplb.errors import EplbError
+from eplb.runtime.backend import use_triton
 
 # Words per chunk of the computation, bounding its int32 temporaries: large on a GPU, where each
 # chunk costs kernel launches (32 MiB each), small on a CPU, where it should stay in cache.
@@ -26,8 +28,12 @@ _CHUNK_WORDS = {"cuda": 1 << 23, "cpu": 1 << 16}
 _MAX_WORDS = 1 << 30
 
 
-def checksum(rows: torch.Tensor) -> torch.Tensor:
-    """``[R]`` int64 checksum of each row of ``rows [R, n]`` uint8 (rows contiguous, any row stride)."""
+def checksum(rows: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``[R]`` int64 checksum of each row of ``rows [R, n]`` uint8 (rows contiguous, any row stride).
+
+    ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (the rule of ``eplb.runtime.backend``).
+    """
+    triton = use_triton(backend, rows.device)
     count, size = rows.shape
     out = torch.zeros(count, dtype=torch.int64, device=rows.device)
     if count == 0 or size == 0:
@@ -40,6 +46,11 @@ def checksum(rows: torch.Tensor) -> torch.Tensor:
         tail = torch.zeros(count, 4, dtype=torch.uint8, device=rows.device)
         tail[:, : size - whole] = rows[:, whole:]
         words = torch.cat([words, tail.view(torch.int32)], dim=1)
+    if triton:
+        from eplb.runtime.migration.checksums_triton import add_word_sums
+
+        add_word_sums(words, out)
+        return out
     width = max(1, _CHUNK_WORDS["cpu" if rows.device.type == "cpu" else "cuda"] // count)
     for start in range(0, words.shape[1], width):
         part = words[:, start : start + width]
@@ -53,5 +64,5 @@ def _words(rows: torch.Tensor) -> torch.Tensor:
     """``rows [R, 4 m]`` uint8 as ``[R, m]`` int32: a view where aligned, else an aligned copy."""
     try:
         return rows.view(torch.int32)
-    except RuntimeError:
-        return rows.clone().view(torch.int32)
+    except RuntimeError:  # a fresh tensor: clone() keeps odd strides of size-1 dimensions
+        return torch.empty(rows.shape, dtype=torch.uint8, device=rows.device).copy_(rows).view(torch.int32)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from eplb.cluster import require_count
 from eplb.errors import EplbError
+from eplb.runtime.backend import check_backend
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,14 @@ class MigrationConfig:
             bound too small for the smallest part (one slot, or a swap of sole replicas) is
             refused up front with the size to use.
         max_peers: the most peers a rank exchanges with in one round (1: a matching per round).
-        timeout_s: bound on each wait for other ranks (a round handshake, the vote) and on each
-            P2P op once both ends have posted it; a step that runs into it aborts on every rank.
+        timeout_s: bound on each wait for other ranks (a round handshake, the vote); a step that
+            runs into it aborts on every rank and a retry works. It also bounds each gloo P2P op
+            once both ends have posted it (with NCCL the process group's own timeout does): such
+            an op only stalls when a process or link dies, which no retry on that group survives.
         verify: checksum every staged row against its source before the vote.
         chunk_bytes: the most bytes one P2P op carries; a larger message is sent in chunks.
+        backend: the checksums' backend: ``"auto"`` (a Triton kernel on CUDA when triton imports,
+            torch otherwise), ``"torch"`` or ``"triton"`` (``eplb.runtime.backend``).
     """
 
     staging_bytes: int | None = None
@@ -34,6 +39,7 @@ class MigrationConfig:
     timeout_s: float = 60.0
     verify: bool = True
     chunk_bytes: int = 256 << 20
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.staging_bytes is not None:
@@ -47,3 +53,4 @@ class MigrationConfig:
         if not isinstance(self.verify, bool):
             raise EplbError(f"verify must be True or False, got {self.verify!r}")
         require_count("chunk_bytes", self.chunk_bytes, 1, fix="pass the most bytes per P2P op, e.g. 256 << 20")
+        check_backend(self.backend)

@@ -144,11 +144,11 @@ class Step:
             self.staged = transfer.stage(
                 self.weights, self.t, rank, self.sync, group=self.session.group, timeout_s=self.config.timeout_s,
                 chunk_bytes=self.config.chunk_bytes, verify=self.config.verify, tag_base=self.tag_base,
-                stream=self.stream,
+                stream=self.stream, backend=self.config.backend,
             )
             clock = self._lap("stage", clock)
             if self.config.verify:
-                transfer.verify(self.weights, self.t, self.staged, rank)
+                transfer.verify(self.weights, self.t, self.staged, rank, self.config.backend)
             self._lap("verify", clock)
             return None
         except PeerAbort as exc:

@@ -55,9 +55,11 @@ class Staged:
     stream: Any = None
 
 
-def _pack(out: torch.Tensor, src_rows: list[torch.Tensor], layout: RowLayout, slots: list[int], verify: bool) -> None:
+def _pack(
+    out: torch.Tensor, src_rows: list[torch.Tensor], layout: RowLayout, slots: list[int], verify: bool, backend: str
+) -> None:
     """Fill ``out [k, row_bytes]`` with local slots ``slots``, and with their checksums when
-    ``verify`` (computed on the rows read from the slots, not on ``out``).
+    ``verify`` (computed on the rows read from the slots, not on ``out``, with ``backend``).
 
     Small rows are gathered in one op per tensor; large ones are copied row by row, since a GPU
     gathers large byte rows far below its copy bandwidth.
@@ -72,12 +74,12 @@ def _pack(out: torch.Tensor, src_rows: list[torch.Tensor], layout: RowLayout, sl
             rows = src.index_select(0, index)
             dst.copy_(rows)
             if verify:
-                sums[:, t] = checksum(rows)
+                sums[:, t] = checksum(rows, backend)
             continue
         for j, slot in enumerate(slots):
             dst[j].copy_(src[slot])
             if verify:
-                sums[j, t] = checksum(src[slot : slot + 1])[0]
+                sums[j, t] = checksum(src[slot : slot + 1], backend)[0]
 
 
 def _sums(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
@@ -113,6 +115,7 @@ def stage(
     verify: bool,
     tag_base: int = 0,
     stream: Any = None,
+    backend: str = "auto",
 ) -> Staged:
     """Stage this rank's experts of part ``t`` (see the module docstring).
 
@@ -127,6 +130,7 @@ def stage(
         verify: write source checksums into the rows.
         tag_base: added to each message chunk's tag offset (``message_tags``), mod ``2**31``.
         stream: a CUDA stream to stage on, or None for the current one.
+        backend: the checksums' backend (``eplb.runtime.backend``).
 
     Raises:
         PeerAbort: a round was aborted (a peer failed or timed out); nothing is left posted.
@@ -138,7 +142,7 @@ def stage(
     with _stream_context(stream):
         rows = torch.empty(len(staged), layout.row_bytes, dtype=torch.uint8, device=weights.device)
         local = [slot for r, _, slot in t.local if r == rank]
-        _pack(rows[: len(local)], src_rows, layout, local, verify)
+        _pack(rows[: len(local)], src_rows, layout, local, verify, backend)
         # Incoming messages land in consecutive staging rows, in message order.
         at, received = len(local), {}
         for i, m in enumerate(t.messages):
@@ -155,7 +159,7 @@ def stage(
             buffers, at = dict(received), 0
             for i in sent:
                 buffers[i] = send[at : at + len(t.messages[i].experts)]
-                _pack(buffers[i], src_rows, layout, list(t.messages[i].src_slots), verify)
+                _pack(buffers[i], src_rows, layout, list(t.messages[i].src_slots), verify, backend)
                 at += len(t.messages[i].experts)
             peer = {i: t.messages[i].dst if i in sent else t.messages[i].src for i in mine}
             answers = sync.handshake(round_, sorted(set(peer.values())))
@@ -195,8 +199,8 @@ def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[An
     ])
 
 
-def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int) -> None:
-    """Compare every staged row's tensors with the checksums its source wrote.
+def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int, backend: str = "auto") -> None:
+    """Compare every staged row's tensors with the checksums its source wrote (computed with ``backend``).
 
     Raises:
         ChecksumMismatch: naming the layer, the expert, the tensor and the sending rank.
@@ -205,7 +209,9 @@ def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int)
     if staged.rows.shape[0] == 0:
         return
     with _stream_context(staged.stream):
-        got = torch.stack([checksum(staged.rows[:, s.offset : s.offset + s.nbytes]) for s in layout.segments], 1)
+        got = torch.stack(
+            [checksum(staged.rows[:, s.offset : s.offset + s.nbytes], backend) for s in layout.segments], 1
+        )
         bad = (got != _sums(staged.rows, layout)).nonzero().tolist()
     if bad:
         experts = {row: e for e, row in staged.row_of.items()}

@@ -37,13 +37,13 @@ def _record(recorder: ExpertLoadRecorder, serving, gen: torch.Generator, phase: 
     recorder.step()
 
 
-def _loop(rank: int, world: int, mode: str, steps: int, out: dict) -> None:
+def _loop(rank: int, world: int, mode: str, steps: int, out: dict, layers_per_step: int = 1) -> None:
     canon = canonical(LAYERS, EXPERTS)
     start = plan(_phase_probs(0).expand(LAYERS, -1) * 1000, num_gpus=world, num_slots=SLOTS)
     weights, _ = make_weights(canon, start, rank)
     recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=16, device="cpu", backend="torch")
     commits: list[int] = []
-    config = RebalancerConfig(every=4, mode=mode, plan_lag=2, history=4,
+    config = RebalancerConfig(every=4, mode=mode, plan_lag=2, history=4, layers_per_step=layers_per_step,
                               policy=OnlineConfig(window=2, max_moves=4, min_gain=0.01),
                               migration=MigrationConfig(timeout_s=30))
     rb = Rebalancer(recorder, start, weights, config=config, on_commit=lambda layer, p: commits.append(layer))
@@ -61,13 +61,13 @@ def _loop(rank: int, world: int, mode: str, steps: int, out: dict) -> None:
                    predicted=first.decision.after, state=rb.state_dict()["steps"])
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_load_shift_is_followed_without_a_corrupted_step(mode: str) -> None:
+@pytest.mark.parametrize("mode,layers_per_step", [("sync", 1), ("async", 1), ("async", 2)])
+def test_a_load_shift_is_followed_without_a_corrupted_step(mode: str, layers_per_step: int) -> None:
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         out = manager.dict()
-        spawn(_loop, 2, mode, 36, out)
+        spawn(_loop, 2, mode, 36, out, layers_per_step)
         result = dict(out)
     assert result["moved"], "the rebalancer never acted on the load shift"
     assert result["commits"] >= 1 and result["moves"] >= 1
@@ -152,16 +152,18 @@ def test_move_to_an_ordered_placement(mode: str) -> None:
     target = type(start)(shifted, EXPERTS, 1)
     weights, _ = make_weights(canon, start, 0)
     recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=4, device="cpu", backend="torch")
-    rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(every=100, mode=mode, plan_lag=1))
+    config = RebalancerConfig(every=100, mode=mode, plan_lag=1, layers_per_step=LAYERS)
+    rb = Rebalancer(recorder, start, weights, config=config)
     rb.move_to(target)
     assert rb.migrating == (mode == "async")
     if mode == "async":
         with pytest.raises(EplbError, match="under way"):
             rb.move_to(target)
-    for _ in range(2 * LAYERS + 1):
-        recorder.step()
-        rb.step()
-        assert corrupted_slots(weights, canon, rb.serving, 0) == 0
+    recorder.step()
+    rb.step()  # async: every layer staged at once (layers_per_step=LAYERS) ...
+    recorder.step()
+    rb.step()  # ... and committed together at the next step boundary
+    assert corrupted_slots(weights, canon, rb.serving, 0) == 0
     rb.close()
     assert torch.equal(rb.serving.phy2log, target.phy2log) and not rb.migrating
     assert rb.rebalances[-1].report.moves == int((start.phy2log != target.phy2log).sum())

@@ -6,11 +6,11 @@ Every ``every`` steps the ``Rebalancer`` folds the recorder's new rows into a lo
 ``min_gain``. ``plan_lag`` steps later every rank receives the decision (one broadcast) and,
 if it acts, the weights move:
 
-- ``mode="async"``: one migration step (a layer, or a part of one under ``staging_bytes``) at a
-  time. Its transfers run on a background thread over the rebalancer's own process group (so they
-  never interleave with the engine's collectives), on a side CUDA stream, while the engine serves;
-  at the next ``step()`` every rank votes and commits it together, at the step boundary, then
-  ``on_commit`` switches that layer's dispatch tables before the next forward pass.
+- ``mode="async"``: ``layers_per_step`` migration steps (a layer each, or a part of one under
+  ``staging_bytes``) at a time. Their transfers run on a background thread over the rebalancer's own
+  process group (so they never interleave with the engine's collectives), on a side CUDA stream, while
+  the engine serves; at the next ``step()`` every rank votes and commits them together, at the step
+  boundary, then ``on_commit`` switches each layer's dispatch tables before the next forward pass.
 - ``mode="sync"``: everything moves inside the deciding ``step()`` (offline use, tests).
 
 A failed migration step leaves the old weights and placement serving everywhere (see
@@ -48,10 +48,14 @@ class RebalancerConfig:
 
     Args:
         every: steps between decisions (and the steps each history window sums).
-        mode: ``"async"`` (serving goes on while weights move, one migration step committed per
+        mode: ``"async"`` (serving goes on while weights move, ``layers_per_step`` layers committed per
             ``step()``) or ``"sync"`` (all layers move inside the deciding step).
         plan_lag: async: steps rank 0's planning thread gets before every rank needs its decision
             (``step()`` waits for it only if planning takes longer than that).
+        layers_per_step: async: layers staged during one forward pass and committed at the next step
+            boundary (staging memory grows with it; see ``MigrationConfig.staging_bytes``). One layer per
+            step takes as many steps as layers change to land a rebalance: raise it where the copies hide
+            under the step's compute (``docs/benchmarks/simulate.md`` has the trade-off).
         history: windows kept (each one ``every`` steps); the policy plans from the last ``policy.window``.
         policy: how to decide (window, ``max_moves``, ``min_gain``, algorithm, router groups).
         migration: how to move the weights (staging bound, peers per round, timeout, checksums).
@@ -60,6 +64,7 @@ class RebalancerConfig:
     every: int = 1000
     mode: str = "async"
     plan_lag: int = 8
+    layers_per_step: int = 1
     history: int = 32
     policy: OnlineConfig = field(default_factory=OnlineConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
@@ -73,6 +78,7 @@ class RebalancerConfig:
             raise EplbError(f"plan_lag ({self.plan_lag}) must be below every ({self.every}); a decision must land "
                             "before the next one starts")
         require_count("history", self.history, fix="pass how many windows to keep, e.g. 32")
+        require_count("layers_per_step", self.layers_per_step, fix="pass the layers committed per step, e.g. 1")
 
 
 @dataclass
@@ -141,7 +147,7 @@ class Rebalancer:
         self._plan: tuple[int, Future | None] | None = None  # (step it is due, rank 0's future)
         self._queue: list[tuple[int, Any]] = []  # async: (part index, LayerTransfers) still to move
         self._session: Session | None = None
-        self._pending: tuple[Step, Future] | None = None
+        self._pending: list[tuple[Step, Future]] = []
 
     # The loop ------------------------------------------------------------------------------
 
@@ -149,18 +155,18 @@ class Rebalancer:
         """Advance one forward pass: commit the migration step staged since the last call, start the
         next one, and decide every ``every`` steps. Every rank calls it at the same point of every step."""
         self.steps += 1
-        if self._pending is not None:
+        if self._pending:
             self._finish_pending()
         if self._plan is not None and self.steps >= self._plan[0]:
             self._land_decision()
-        if self._queue and self._pending is None:
+        if self._queue and not self._pending:
             self._start_next()
-        if self.steps % self.config.every == 0 and self._plan is None and not self._queue and self._pending is None:
+        if self.steps % self.config.every == 0 and self._plan is None and not self.migrating:
             self._start_decision()
 
     def move_to(self, placement: Placement) -> None:
         """Start moving to ``placement`` now, as if the policy had chosen it (an operator's decision, or a
-        plan made elsewhere): async, one migration step per ``step()``; sync, before this call returns.
+        plan made elsewhere): async, ``layers_per_step`` layers per ``step()``; sync, before this call returns.
         Every rank calls it at the same point of the same step, with the same placement."""
         if self.migrating or self._plan is not None:
             raise EplbError("a rebalance is under way; call move_to once `migrating` is False")
@@ -174,7 +180,7 @@ class Rebalancer:
     @property
     def migrating(self) -> bool:
         """Whether a rebalance is still moving weights."""
-        return bool(self._queue) or self._pending is not None
+        return bool(self._queue) or bool(self._pending)
 
     def close(self) -> None:
         """Wait for the background threads (and drop a half-staged step: nothing of it was committed)."""
@@ -261,10 +267,15 @@ class Rebalancer:
     # Moving (async) --------------------------------------------------------------------------
 
     def _start_next(self) -> None:
+        """Stage up to ``layers_per_step`` migration steps of distinct layers, in queue order, on the mover
+        thread (a layer's later parts wait: each is planned on the row its earlier parts commit)."""
         assert self._session is not None
-        index, part = self._queue.pop(0)
-        step = Step(self.weights, part, index, self._session, self.config.migration, self._stream)
-        self._pending = (step, self._mover.submit(self._prepare, step))
+        layers: set[int] = set()
+        while self._queue and len(layers) < self.config.layers_per_step and self._queue[0][1].layer not in layers:
+            index, part = self._queue.pop(0)
+            layers.add(part.layer)
+            step = Step(self.weights, part, index, self._session, self.config.migration, self._stream)
+            self._pending.append((step, self._mover.submit(self._prepare, step)))
 
     def _prepare(self, step: Step) -> Any:
         # The CUDA device is per thread: stage on this rank's device, not device 0.
@@ -273,25 +284,32 @@ class Rebalancer:
         return step.prepare()
 
     def _finish_pending(self) -> None:
-        assert self._pending is not None and self.last is not None
-        step, future = self._pending
-        self._pending = None
-        try:
-            verdict = step.decide(future.result())
+        """Vote on and commit every staged step, in order, on every rank; a failed one is not committed (the
+        others are: they move other layers) and ends this rebalance."""
+        assert self.last is not None
+        pending, self._pending = self._pending, []
+        # Every staging job ends before the first vote: the store client is not shared between threads.
+        prepared = [future.result() for _, future in pending]
+        failure: MigrationError | None = None
+        for (step, _), ready in zip(pending, prepared, strict=True):
+            try:
+                verdict = step.decide(ready)
+                if verdict is None:
+                    if self._stream is not None:
+                        torch.cuda.current_stream().wait_stream(self._stream)
+                    step.commit()
+                    self.last.report.add_step(step.t, self.weights.layout(step.t.layer).payload_bytes)
+            finally:
+                step.finish()
+                for phase, seconds in step.seconds.items():
+                    self.last.report.seconds[phase] += seconds
             if verdict is None:
-                if self._stream is not None:
-                    torch.cuda.current_stream().wait_stream(self._stream)
-                step.commit()
-                self.last.report.add_step(step.t, self.weights.layout(step.t.layer).payload_bytes)
-        finally:
-            step.finish()
-            for phase, seconds in step.seconds.items():
-                self.last.report.seconds[phase] += seconds
-        if verdict is not None:
-            self._failed(MigrationError(step.t.layer, step.part, verdict.ranks, verdict.cause, self.serving,
-                                        self.last.report))
-        else:
-            self._committed(step.t.layer, step.t.new)
+                self._committed(step.t.layer, step.t.new)
+            elif failure is None:
+                failure = MigrationError(step.t.layer, step.part, verdict.ranks, verdict.cause, self.serving,
+                                         self.last.report)
+        if failure is not None:
+            self._failed(failure)
         if not self._queue:
             self._finish_rebalance()
 

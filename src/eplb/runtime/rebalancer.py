@@ -107,8 +107,9 @@ class Rebalancer:
             every rank, with the placement now serving: switch that layer's dispatch (and waterfill)
             tables here, before the next forward pass.
 
-    Every rank must build it (a collective: it creates the rebalancer's own process group) and call
-    ``step()`` once after every forward pass.
+    Every rank of the world must build it (a collective: it creates the rebalancer's own process group),
+    and every rank of ``group`` calls ``step()`` once after every forward pass, after ``recorder.step()``
+    (rows recorded from then on count slots of the layers ``step()`` commits).
     """
 
     def __init__(

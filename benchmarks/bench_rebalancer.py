@@ -89,7 +89,8 @@ def main() -> None:
                 on_commit=lambda layer, placement: layers[layer].set_placement(placement))
         return layers, recorder, rb
 
-    def run(with_rebalancer: bool, mode: str = "async") -> list[tuple[float, bool]]:
+    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], int]:
+        """Per step: (seconds, whether a migration was in flight); and the slots moved."""
         layers, recorder, rb = build(with_rebalancer, mode)
         out = []
         for step in range(args.steps):
@@ -107,17 +108,15 @@ def main() -> None:
                 busy = busy or rb.migrating
             _sync(device)
             out.append((time.perf_counter() - t0, busy))
-        if rb is not None:
-            rb.close()
-            moves = sum(r.report.moves for r in rb.rebalances)
-            out.append((float(moves), False))
-        return out
+        if rb is None:
+            return out, 0
+        rb.close()
+        return out, sum(r.report.moves for r in rb.rebalances)
 
     rows = []
     for round_ in range(3):  # interleaved rounds: the machine's noise hits both sides alike
-        base = run(False)
-        with_rb = run(True)
-        moves = int(with_rb.pop()[0])
+        base, _ = run(False)
+        with_rb, moves = run(True)
         base_ms = statistics.median(t for t, _ in base[2:]) * 1e3
         busy = [t for t, b in with_rb[2:] if b]
         idle = [t for t, b in with_rb[2:] if not b]

@@ -48,14 +48,20 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse()
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's group: NCCL with one GPU per rank where CUDA is available, gloo on the CPU otherwise.
+    Returns this rank, the group size and the device to compute on."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main() -> None:
+    args = parse()
+    rank, world, device = init_distributed()
     config = EPMoEConfig(
         hidden=args.hidden, intermediate=args.intermediate, num_experts=args.experts, top_k=args.top_k,
         router="grouped", num_groups=4, topk_groups=2, routed_scaling_factor=2.5, shared_expert=True,
@@ -67,7 +73,7 @@ def main() -> None:
         router, experts, shared = random_checkpoint(config, seed=layer)
         # A skewed correction bias makes a few experts hot, so the placement has something to balance.
         router["bias"] = 0.3 * torch.linspace(1, -1, args.experts)[torch.randperm(args.experts)]
-        checkpoints.append(tuple(_to(part, device) for part in (router, experts, shared)))
+        checkpoints.append(tuple(to_device(part, device) for part in (router, experts, shared)))
 
     placement = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=num_slots,
                           algorithm="linear")
@@ -125,7 +131,7 @@ def _serve(
                   flush=True)
 
 
-def _to(part: Weights | None, device: torch.device) -> Weights | None:
+def to_device(part: Weights | None, device: torch.device) -> Weights | None:
     return None if part is None else {name: tensor.to(device) for name, tensor in part.items()}
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import torch
 import torch.distributed as dist
-from ep_moe import add_model_args  # the sibling example (the script's folder is on sys.path)
+from ep_moe import (  # the sibling example (the script's folder is on sys.path)
+    add_model_args,
+    init_distributed,
+    to_device,
+)
 
 import eplb
 from eplb import ExpertLoadRecorder
@@ -42,12 +45,7 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    rank, world, device = init_distributed()
     config = EPMoEConfig(hidden=args.hidden, intermediate=args.intermediate, num_experts=args.experts, top_k=4,
                          router="grouped", num_groups=4, topk_groups=2, routed_scaling_factor=2.5,
                          shared_expert=True, dispatch="hash")
@@ -55,8 +53,7 @@ def main() -> None:
     # Two workloads: the correction bias that makes some experts hot, before and after the switch.
     biases = [0.6 * torch.linspace(1, -1, args.experts)[torch.randperm(args.experts, generator=gen)] for _ in "ab"]
     checkpoints = [random_checkpoint(config, seed=layer) for layer in range(args.layers)]
-    checkpoints = [({k: v.to(device) for k, v in r.items()}, {k: v.to(device) for k, v in e.items()},
-                    {k: v.to(device) for k, v in s.items()}) for r, e, s in checkpoints]
+    checkpoints = [tuple(to_device(part, device) for part in parts) for parts in checkpoints]
 
     num_slots = args.slots_per_rank * world
     start = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=num_slots, algorithm="linear")

@@ -26,10 +26,6 @@ CONSUMERS = {"integrations", "simulation", "report"}
 CLI = {"cli", "__main__"}
 MAX_LINES = 450
 
-# Known breaks of the rules in files other helpers are changing now: xfail (not strict) until fixed.
-KNOWN_UPWARD: dict[str, str] = {
-}
-KNOWN_LONG: dict[str, str] = {}  # "eplb/runtime/...py": why; none over MAX_LINES now
 
 
 @dataclass(frozen=True)
@@ -119,12 +115,7 @@ def _tree() -> dict[str, tuple[Path, list[Import]]]:
 TREE = _tree()
 
 
-def _param(module: str):
-    reason = KNOWN_UPWARD.get(module)
-    return pytest.param(module, marks=pytest.mark.xfail(reason=reason, strict=False) if reason else ())
-
-
-@pytest.mark.parametrize("module", [_param(m) for m in TREE])
+@pytest.mark.parametrize("module", list(TREE))
 def test_imports_point_down(module: str) -> None:
     path, found = TREE[module]
     src = layer(module)
@@ -183,13 +174,7 @@ def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     return out
 
 
-def _file(path: Path):
-    name = str(path.relative_to(SRC))
-    reason = KNOWN_LONG.get(name)
-    return pytest.param(name, marks=pytest.mark.xfail(reason=reason, strict=False) if reason else (), id=name)
-
-
-@pytest.mark.parametrize("name", [_file(path) for path, _ in TREE.values()])
+@pytest.mark.parametrize("name", [str(path.relative_to(SRC)) for path, _ in TREE.values()])
 def test_module_is_short(name: str) -> None:
     lines = len((SRC / name).read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by idea (limit {MAX_LINES})"

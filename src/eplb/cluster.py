@@ -29,8 +29,32 @@ def require_count(name: str, value: Any, minimum: int = 1, maximum: int | None =
     raise EplbError(f"{name} must be {kind}, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
+def require_choice(name: str, value: Any, options: tuple[Any, ...], fix: str = "") -> Any:
+    """``value`` if it is one of ``options``, else one EplbError naming ``name`` and the options."""
+    if value in options:
+        return value
+    choices = ", ".join(map(repr, options))
+    raise EplbError(f"{name} must be one of {choices}, got {value!r}" + (f"; {fix}" if fix else ""))
+
+
+class ClusterSizes:
+    """The sizes derived from ``num_slots``, ``num_gpus`` and ``num_nodes`` (a ``Cluster`` and a ``Placement``)."""
+
+    num_slots: int
+    num_gpus: int
+    num_nodes: int
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_slots // self.num_gpus
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.num_gpus // self.num_nodes
+
+
 @dataclass(frozen=True)
-class Cluster:
+class Cluster(ClusterSizes):
     """The cluster a placement is planned for.
 
     Args:
@@ -44,14 +68,6 @@ class Cluster:
     num_slots: int
     num_nodes: int = 1
     num_groups: int | None = None
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_slots // self.num_gpus
-
-    @property
-    def gpus_per_node(self) -> int:
-        return self.num_gpus // self.num_nodes
 
 
 def require_groups(cluster: Cluster, num_experts: int) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from eplb.cluster import check_sizes, is_count, require_count
+from eplb.cluster import ClusterSizes, check_sizes, is_count, require_count
 from eplb.errors import EplbError
 from eplb.metrics import gpu_totals
 
@@ -28,7 +28,7 @@ EMPTY_SLOT = -1
 
 
 @dataclass(frozen=True, eq=False)
-class Placement:
+class Placement(ClusterSizes):
     """An expert placement for every MoE layer.
 
     Args:
@@ -85,14 +85,6 @@ class Placement:
     @property
     def num_slots(self) -> int:
         return self.phy2log.shape[1]
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_slots // self.num_gpus
-
-    @property
-    def gpus_per_node(self) -> int:
-        return self.num_gpus // self.num_nodes
 
     @property
     def slot_gpu(self) -> torch.Tensor:

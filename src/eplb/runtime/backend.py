@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from eplb.cluster import require_choice
 from eplb.errors import EplbError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -26,9 +27,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 def check_backend(name: Any) -> str:
     """``name`` if it is one of ``BACKENDS``; raises EplbError otherwise."""
-    if name not in BACKENDS:
-        raise EplbError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}; 'auto' picks for you")
-    return name
+    return require_choice("backend", name, BACKENDS, fix="'auto' picks for you")
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb.cluster import require_count
+from eplb.cluster import require_choice, require_count
 from eplb.errors import EplbError
 from eplb.placement import Placement, check_same_shape
 from eplb.planning.online import Decision, OnlineConfig, decide, predicted_max_over_mean
@@ -71,8 +71,7 @@ class RebalancerConfig:
 
     def __post_init__(self) -> None:
         require_count("every", self.every, fix="pass the steps between rebalancing decisions, e.g. 1000")
-        if self.mode not in MODES:
-            raise EplbError(f"mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
+        require_choice("mode", self.mode, MODES)
         require_count("plan_lag", self.plan_lag, fix="pass the steps planning may take, e.g. 8")
         if self.plan_lag >= self.every:
             raise EplbError(f"plan_lag ({self.plan_lag}) must be below every ({self.every}); a decision must land "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb.cluster import require_choice
 from eplb.errors import EplbError
 from eplb.metrics import gpu_totals
 from eplb.placement import Placement
@@ -47,7 +48,7 @@ class StepMetrics:
 def split_matrix(placement: Placement, dispatch: str, probs: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[L, E, P]`` share of each expert's load each slot gets, or None for the even split (computed faster
     by ``Placement.slot_load``). ``probs [L, E, X]`` are the weighted split's replica shares."""
-    if dispatch == "even":
+    if require_choice("dispatch", dispatch, DISPATCH) == "even":
         return None
     L, E, P = placement.num_layers, placement.num_experts, placement.num_slots
     out = torch.zeros(L, E, P, dtype=torch.float64)
@@ -58,14 +59,12 @@ def split_matrix(placement: Placement, dispatch: str, probs: torch.Tensor | None
         index = table.permute(1, 2, 0)  # [L, E, G]
         out.scatter_add_(2, index, torch.full(index.shape, 1.0 / placement.num_gpus, dtype=torch.float64))
         return out
-    if dispatch == "weighted":
-        if probs is None:
-            raise EplbError("the weighted dispatch needs replica shares; pass probs from solve_weights")
-        log2phy = placement.log2phy
-        held = log2phy >= 0
-        out.scatter_add_(2, torch.where(held, log2phy, 0), torch.where(held, probs, 0.0))
-        return out
-    raise EplbError(f"dispatch must be one of {', '.join(DISPATCH)}, got {dispatch!r}")
+    if probs is None:
+        raise EplbError("the weighted dispatch needs replica shares; pass probs from solve_weights")
+    log2phy = placement.log2phy
+    held = log2phy >= 0
+    out.scatter_add_(2, torch.where(held, log2phy, 0), torch.where(held, probs, 0.0))
+    return out
 
 
 def evaluate_steps(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import eplb
-from eplb.cluster import Cluster, require_count
+from eplb.cluster import Cluster, require_choice, require_count
 from eplb.errors import EplbError
 from eplb.metrics import balancedness, lower_bound
 from eplb.placement import Placement
@@ -53,8 +53,7 @@ class Action:
     def __post_init__(self) -> None:
         if not isinstance(self.target, Placement):
             raise EplbError(f"an action's target must be a Placement, got {type(self.target).__name__}")
-        if self.mode not in MODES:
-            raise EplbError(f"action mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        require_choice("action mode", self.mode, MODES)
         require_count("latency_steps", self.latency_steps, minimum=0, fix="pass steps before the first commit")
         require_count("layers_per_step", self.layers_per_step, fix="pass layers committed per step")
 

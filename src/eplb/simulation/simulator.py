@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from eplb import migration_cost
-from eplb.cluster import Cluster, check_cluster
+from eplb.cluster import Cluster, check_cluster, require_choice
 from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.simulation import evaluation
@@ -87,8 +87,7 @@ def simulate(
     """
     spec = Cluster(num_gpus=num_gpus, num_slots=num_slots, num_nodes=num_nodes, num_groups=num_groups)
     check_cluster(spec, scenario.num_experts)
-    if dispatch not in evaluation.DISPATCH:
-        raise EplbError(f"dispatch must be one of {', '.join(evaluation.DISPATCH)}, got {dispatch!r}")
+    require_choice("dispatch", dispatch, evaluation.DISPATCH)
     if waterfill and cost is None:
         raise EplbError("waterfill changes step time, not max/mean: pass a cost model (CostModel()) with it")
     if cost is not None:

@@ -7,16 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb.cluster import require_count
+from eplb.cluster import require_choice, require_count
 from eplb.errors import EplbError
 
 ROUTERS = ("softmax", "grouped", "hash")
 DISPATCHES = ("static", "hash", "weighted")
-
-
-def _choice(name: str, value: object, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise EplbError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}; pick one of them")
 
 
 @dataclass(frozen=True)
@@ -71,8 +66,8 @@ class EPMoEConfig:
         require_count("intermediate", self.intermediate, fix="pass the routed experts' intermediate size")
         require_count("num_experts", self.num_experts, fix="pass the model's routed expert count")
         require_count("top_k", self.top_k, 1, self.num_experts, fix="pass at most num_experts experts per token")
-        _choice("router", self.router, ROUTERS)
-        _choice("dispatch", self.dispatch, DISPATCHES)
+        require_choice("router", self.router, ROUTERS)
+        require_choice("dispatch", self.dispatch, DISPATCHES)
         if self.router == "grouped":
             groups = require_count("num_groups", self.num_groups, 1, self.num_experts, fix="pass the router's groups")
             if self.num_experts % groups:

@@ -17,7 +17,7 @@ from enum import Enum
 from fractions import Fraction
 from typing import Any
 
-from eplb.cluster import require_count
+from eplb.cluster import require_choice, require_count
 from eplb.errors import EplbError
 from eplb.runtime.backend import check_backend
 from eplb.runtime.hashing import layer_key, mix32_int
@@ -34,12 +34,6 @@ _EXCESS_NEEDS = (
     "move='excess' needs fixed recorded loads: static mode with rank_load and estimate='recorded', "
     "without prior_tokens and min_tile_tokens; drop those settings or use move='all'"
 )
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise EplbError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-    return value
 
 
 def _preference(value: Any) -> Fraction:
@@ -121,9 +115,9 @@ class WaterfillConfig:
     check_inputs: bool = True
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, MODES)
+        require_choice("mode", self.mode, MODES)
         if self.estimate is not None:
-            _choice("estimate", self.estimate, ESTIMATES)
+            require_choice("estimate", self.estimate, ESTIMATES)
         if self.prior_tokens is not None:
             require_count("prior_tokens", self.prior_tokens, 0, fix="pass a token count, or None")
         if self.estimate == "batch" and self.prior_tokens is not None:
@@ -131,13 +125,13 @@ class WaterfillConfig:
                 "prior_tokens blends the batch into estimate='recorded'; drop prior_tokens or use estimate='recorded'"
             )
         require_count("seed", self.seed, 0, fix="pass a non-negative integer")
-        _choice("candidates", self.candidates, CANDIDATES)
+        require_choice("candidates", self.candidates, CANDIDATES)
         require_count("min_batch", self.min_batch, 0, fix="pass 0 to balance every batch")
         require_count("min_tile_tokens", self.min_tile_tokens, 0, fix="pass 0 to turn the tile rule off")
         _preference(self.local_preference)
         _shared_weight(self.routed_scaling_factor)
         if self.move is not None:
-            _choice("move", self.move, MOVES)
+            require_choice("move", self.move, MOVES)
         fixed_possible = self.mode == "static" and self.estimate != "batch"
         if self.move == "excess" and not (fixed_possible and self.prior_tokens is None and not self.min_tile_tokens):
             raise EplbError(_EXCESS_NEEDS)

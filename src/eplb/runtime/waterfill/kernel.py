@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.errors import EplbError
 from eplb.runtime.hashing import UNIFORM_BITS
 from eplb.runtime.hashing_triton import entry_hash, uniform
 from eplb.runtime.waterfill.reference import EXCESS_BITS, NO_FALLBACK, WEIGHT_BITS, Rule, Source
@@ -392,7 +393,7 @@ def waterfill_triton(
     tiles = 1
     if count:
         if sync is None or sync.shape != (sync_size(rule.ep_size),):
-            raise ValueError(f"this source counts the batch: pass sync, zeros of shape ({sync_size(rule.ep_size)},)")
+            raise EplbError(f"this source counts the batch: pass sync, zeros of shape ({sync_size(rule.ep_size)},)")
         # All programs must be resident at the barrier; a power of two keeps the compiled
         # variants few as the batch size varies.
         tiles = triton.next_power_of_2(triton.cdiv(num_tiles, _resident_programs(topk_ids.device)))

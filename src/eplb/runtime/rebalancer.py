@@ -35,6 +35,7 @@ from eplb.planning.online import Decision, OnlineConfig, decide, predicted_max_o
 from eplb.runtime.migration import ExpertWeights, MigrationConfig, MigrationError, MigrationReport, Session, Step
 from eplb.runtime.migration import migrate as migrate_all
 from eplb.runtime.migration.plan import plan_parts
+from eplb.runtime.migration.transfer import warm_up
 from eplb.runtime.recorder import ExpertLoadRecorder, to_logical
 
 log = logging.getLogger("eplb.rebalancer")
@@ -148,6 +149,21 @@ class Rebalancer:
         self._queue: list[tuple[int, Any]] = []  # async: (part index, LayerTransfers) still to move
         self._session: Session | None = None
         self._pending: list[tuple[Step, Future]] = []
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay a migration's first-use costs here, at start-up, not in the serving steps of the first
+        rebalance: the two threads, the rebalancer group's communicator, the staging and checksum kernels, and
+        the staging memory of ``layers_per_step`` layers (reserved now, so an engine that sizes its caches
+        after start-up leaves room for it)."""
+        self._planner.submit(int).result()
+        if self.distributed:
+            dist.all_reduce(torch.zeros(1, device=self.recorder.device), group=self._migration_group)
+        staging = self.config.migration.staging_bytes
+        row_bytes = max(self.weights.layout(layer).row_bytes for layer in range(self.weights.num_layers))
+        rows = self.serving.slots_per_gpu if staging is None else min(self.serving.slots_per_gpu, staging // row_bytes)
+        self._mover.submit(self._device_call, warm_up, self.weights, self.config.layers_per_step * max(rows, 1),
+                           self.config.migration.verify, self.config.migration.backend, self._stream).result()
 
     # The loop ------------------------------------------------------------------------------
 
@@ -275,13 +291,13 @@ class Rebalancer:
             index, part = self._queue.pop(0)
             layers.add(part.layer)
             step = Step(self.weights, part, index, self._session, self.config.migration, self._stream)
-            self._pending.append((step, self._mover.submit(self._prepare, step)))
+            self._pending.append((step, self._mover.submit(self._device_call, step.prepare)))
 
-    def _prepare(self, step: Step) -> Any:
-        # The CUDA device is per thread: stage on this rank's device, not device 0.
+    def _device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # The CUDA device is per thread: work on this rank's device, not device 0.
         if self._stream is not None:
             torch.cuda.set_device(self.recorder.device)
-        return step.prepare()
+        return fn(*args)
 
     def _finish_pending(self) -> None:
         """Vote on and commit every staged step, in order, on every rank; a failed one is not committed (the

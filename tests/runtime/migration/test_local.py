@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eplb import EplbError, Placement
-from eplb.runtime.migration import ExpertWeights, MigrationConfig, checksum, migrate
+from eplb.runtime.migration import ExpertWeights, MigrationConfig, checksum, migrate, transfer
 from eplb.runtime.migration import checksums as checksum_module
 from tests.runtime.migration.harness import canonical, corrupted_slots, make_weights, random_placement
 
@@ -121,6 +121,19 @@ def test_local_migrations_are_bit_exact_for_fp8_nan_patterns_and_keep_addresses(
         assert report.remote_receives == 0 and report.bytes_sent == 0 and report.serving == new
         current = new
     assert [t.data_ptr() for named in tensors for t in named.values()] == addresses
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_warm_up_runs_the_staging_path_and_writes_nothing_registered(monkeypatch, verify) -> None:
+    canon = canonical(2, 6, FP8)
+    current = random_placement(torch.Generator().manual_seed(2), 2, 6, 9, 1)
+    weights, _ = make_weights(canon, current, 0, FP8)
+    calls = []
+    monkeypatch.setattr(transfer, "checksum", lambda rows, backend: calls.append(rows.shape) or checksum(rows))
+    transfer.warm_up(weights, rows=4, verify=verify)
+    assert corrupted_slots(weights, canon, current, 0) == 0
+    # Both sides' checksums: on each layer's source slot and on its staged row, per tensor.
+    assert len(calls) == (2 * 2 * len(FP8) if verify else 0)
 
 
 def test_unchanged_slots_are_not_written() -> None:

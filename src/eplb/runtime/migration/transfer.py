@@ -199,6 +199,32 @@ def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[An
     ])
 
 
+def warm_up(weights: ExpertWeights, rows: int, verify: bool, backend: str = "auto", stream: Any = None) -> None:
+    """Run the staging path once on every layer's slot 0 (pack into a staging row, checksum it) and leave
+    ``rows`` staging rows of the widest layer in the allocator's cache for ``stream``, so that the first
+    rebalance does not pay for kernel compilation and device allocations inside a serving step. Writes
+    nothing registered.
+
+    Args:
+        weights: this rank's registered weights.
+        rows: staging rows to reserve (the most a rebalance holds staged at once).
+        verify: exercise the checksums as well (as ``stage`` and ``verify`` will).
+        stream: the CUDA stream staging runs on, or None.
+    """
+    widest = max(range(weights.num_layers), key=lambda layer: weights.layout(layer).row_bytes)
+    with _stream_context(stream):
+        for layer in range(weights.num_layers):
+            layout = weights.layout(layer)
+            row = torch.empty(1, layout.row_bytes, dtype=torch.uint8, device=weights.device)
+            _pack(row, weights.byte_rows(layer), layout, [0], verify, backend)
+            if verify:
+                for seg in layout.segments:
+                    checksum(row[:, seg.offset : seg.offset + seg.nbytes], backend)
+        torch.empty(rows, weights.layout(widest).row_bytes, dtype=torch.uint8, device=weights.device)
+    if stream is not None:
+        stream.synchronize()
+
+
 def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int, backend: str = "auto") -> None:
     """Compare every staged row's tensors with the checksums its source wrote (computed with ``backend``).
 

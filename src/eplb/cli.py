@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -197,9 +198,15 @@ def plan(stats: str | None, gpus: int | None, slots: int | None, nodes: int | No
             + (f", {cost.bytes / 1e9:.2f} GB of weights" if cost.bytes is not None else "")
         )
     if output:
-        written = io.write_placement(placement, output, format=fmt, layer_ids=req.stats.layer_ids,
-                                     metadata={"stats": req.stats_name, "algorithm": placement.algorithm},
-                                     model_layers=model_layers, updates_per_iter=updates_per_iter)
+        # Without layer ids the writer assumes rows 0..L-1 and warns: one line each on stderr.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = io.write_placement(
+                placement, output, format=fmt, layer_ids=req.stats.layer_ids if req.stats.has_layer_ids else None,
+                metadata={"stats": req.stats_name, "algorithm": placement.algorithm},
+                model_layers=model_layers, updates_per_iter=updates_per_iter, dense_rows=req.stats.dense)
+        for warning in caught:
+            _console(stderr=True).print(f"eplb: warning: {warning.message}", highlight=False, markup=False)
         # Read back: proves the file round-trips and names the format the extension (or -f) chose.
         kind = io.read_placement_file(written, num_gpus=req.gpus, num_nodes=req.nodes).format
         console.print(f"wrote {written} ({kind} format)")

@@ -58,6 +58,13 @@ def test_json_dict_entries(tmp_path):
     assert got.metadata == {"entry": "prefill"}
 
 
+def test_bare_arrays_have_no_layer_ids(tmp_path):
+    got = read_load(write_json(tmp_path / "a.json", counts(4, 8).tolist()))
+    assert got.layer_ids == [0, 1, 2, 3] and not got.has_layer_ids
+    nested = read_load(write_json(tmp_path / "b.json", {"prefill": {"logical_count": counts(4, 8).tolist()}}))
+    assert nested.has_layer_ids  # an SGLang dump inside an entry keeps its meaning
+
+
 def test_csv_with_and_without_header(tmp_path):
     load = counts(3, 5)
     rows = "\n".join(",".join(f"{v:g}" for v in row) for row in load.tolist())
@@ -116,7 +123,7 @@ def test_sglang_dump_drops_unwritten_buffer_steps(tmp_path):
     torch.save({"rank": 0, "logical_count": buffer, "average_utilization_rate_over_window": None}, tmp_path / "d.pt")
     got = read_load(tmp_path / "d.pt")
     assert_loaded(got, buffer[[0, 1, 3]].double(), "sglang")
-    assert got.dense == [0] and got.metadata == {"rank": 0}
+    assert got.dense == [0] and got.metadata == {"rank": 0} and got.has_layer_ids  # a row per model layer
 
 
 def test_eplb_recorder_dump(tmp_path):
@@ -125,6 +132,7 @@ def test_eplb_recorder_dump(tmp_path):
     torch.save({**dump, "phy2log": torch.arange(6).repeat(3, 1) % 4, "logical_count": logical}, tmp_path / "d.pt")
     got = read_load(tmp_path / "d.pt")
     assert torch.equal(got.load, logical) and got.metadata["window"] == 2
+    assert not got.has_layer_ids  # the EP layers' rows, not the model's
     torch.save(dump, tmp_path / "slots.pt")
     with pytest.raises(EplbError, match="holds slot loads only .* eplb.runtime.recorder.to_logical"):
         read_load(tmp_path / "slots.pt")
@@ -146,7 +154,7 @@ def test_per_layer_counts_fill_the_missing_layers(tmp_path):
     for i, row in rows.items():
         expected[i] = row
     assert_loaded(got, expected, "layers")
-    assert got.layer_ids == list(range(7)) and got.dense == [0, 1, 2, 5]
+    assert got.layer_ids == list(range(7)) and got.dense == [0, 1, 2, 5] and got.has_layer_ids
 
 
 def test_domains_are_steps_in_sorted_order(tmp_path):
@@ -158,7 +166,7 @@ def test_domains_are_steps_in_sorted_order(tmp_path):
     path = write_json(tmp_path / "m_expert_counts.json", data)
     got = read_load(path)
     assert_loaded(got, torch.stack([by_domain[n] for n in ("c4", "github", "wiki")]), "domains")
-    assert got.domains == ["c4", "github", "wiki"] and got.layer_ids == [0, 7, 15]
+    assert got.domains == ["c4", "github", "wiki"] and got.layer_ids == [0, 7, 15] and got.has_layer_ids
     assert got.metadata == {"model": "m", "num_experts": 8, "top_k": 2}
     one = read_load(f"{path}#github")
     assert_loaded(one, by_domain["github"], "domains")
@@ -180,7 +188,7 @@ def test_trtllm_statistics_file_and_rank_folder(tmp_path):
 
     one = read_load(tmp_path / "rank0.safetensors")
     assert_loaded(one, stacked(per_rank[0]), "trtllm")
-    assert one.layer_ids == layers and one.metadata == {"iterations": [100, 101]}
+    assert one.layer_ids == layers and one.metadata == {"iterations": [100, 101]} and one.has_layer_ids
     folder = read_load(tmp_path)
     assert_loaded(folder, stacked(per_rank[0]) + stacked(per_rank[1]), "trtllm")
 

@@ -20,7 +20,7 @@ from eplb.io import PLACEMENT_FORMATS, read_placement, read_placement_file, writ
 from eplb.placement import Placement
 
 # Most tests write engine files without layer ids on purpose; the warning itself is tested below.
-pytestmark = pytest.mark.filterwarnings("ignore:writing .* with rows taken as model layers:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:no layer ids:UserWarning")
 
 SUFFIX = {"eplb": ".json", "sglang": ".json", "trtllm": ".yaml", "vllm": ".json"}
 
@@ -255,12 +255,25 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_engine_file_without_layer_ids_warns(tmp_path):
-    with pytest.warns(UserWarning, match="rows taken as model layers 0..2"):
+    with pytest.warns(UserWarning, match="3 rows as model layers 0..2"):
         write_placement(make_placement(), tmp_path / "a.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_placement(make_placement(), tmp_path / "a.json")  # eplb records its layer ids itself
         write_placement(make_placement(), tmp_path / "b.pt", layer_ids=[0, 1, 2])
+
+
+def test_vllm_file_has_the_moe_rows_only(tmp_path):
+    placement = make_placement(num_layers=5)
+    target = write_placement(placement, tmp_path / "v.json", format="vllm", layer_ids=[0, 1, 2, 3, 4],
+                             dense_rows=[0, 1])
+    file = read_placement_file(target)
+    assert file.layer_ids == [2, 3, 4] and torch.equal(file.placement.phy2log, placement.phy2log[2:])
+    sglang = read_placement_file(write_placement(placement, tmp_path / "s.pt", layer_ids=range(5), dense_rows=[0, 1]),
+                                 num_gpus=4)
+    assert sglang.placement.num_layers == 5  # SGLang keeps a row per model layer
+    with pytest.raises(EplbError, match="every row is a dense layer"):
+        write_placement(placement, tmp_path / "w.json", format="vllm", layer_ids=range(5), dense_rows=range(5))
 
 
 def test_trtllm_gets_every_moe_layer_up_to_model_layers(tmp_path):

@@ -63,6 +63,9 @@ class LoadFile:
         path: the file read.
         domains: ``[T]``: the workload of each step, when the file names them (OLMoE domains).
         metadata: scalar facts the file records besides the counts (model, top_k, rank, ...).
+        has_layer_ids: whether the file says which model layer each row is (SGLang dumps, per-layer
+            and per-domain JSON with ``layers``, TensorRT-LLM statistics); without them ``layer_ids``
+            is ``range(L)``, which is wrong when the rows leave out dense or MTP layers.
     """
 
     load: torch.Tensor
@@ -72,6 +75,7 @@ class LoadFile:
     path: str = ""
     domains: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    has_layer_ids: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -93,6 +97,8 @@ class _Parsed:
     layer_ids: list[int] | None = None
     domains: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Row l is model layer l by the layout itself (SGLang dumps, layer_N keys), without a list of ids.
+    rows_are_layers: bool = False
 
 
 def read_load(path: PathLike, *, domain: str | None = None) -> LoadFile:
@@ -137,6 +143,7 @@ def read_load(path: PathLike, *, domain: str | None = None) -> LoadFile:
         path=str(file),
         domains=parsed.domains,
         metadata=parsed.metadata,
+        has_layer_ids=parsed.layer_ids is not None or parsed.rows_are_layers,
     )
 
 
@@ -256,7 +263,9 @@ def _sglang(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
     if not recorded.any():
         raise EplbError(f"{file} recorded no expert activations; record while the server handles traffic")
     facts = {k: v for k, v in data.items() if k != "logical_count" and isinstance(v, (int, float, str))}
-    return _Parsed(history if recorded.all() else history[recorded], "sglang", metadata=facts)
+    # SGLang records a row per model layer; eplb's own dumps count the EP layers' rows only.
+    return _Parsed(history if recorded.all() else history[recorded], "sglang", metadata=facts,
+                   rows_are_layers=data.get("format") != DUMP_FORMAT)
 
 
 def _domains(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:
@@ -323,7 +332,7 @@ def _per_layer(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed
     # Engines index layers by model layer id: layers without an entry (the dense ones) get zero rows.
     load = torch.zeros(ids[-1] + 1, widths[0], dtype=torch.float64)
     load[ids] = torch.stack([rows[i] for i in ids])
-    return _Parsed(load, "layers")
+    return _Parsed(load, "layers", rows_are_layers=True)
 
 
 def _iterations(data: Mapping[str, Any], file: Path, part: str | None) -> _Parsed:

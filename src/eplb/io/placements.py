@@ -13,9 +13,9 @@ Formats (``PLACEMENT_FORMATS``; without ``format=`` the extension decides):
   ``num_slots``, ``initial_global_assignments`` {layer id (int): [logical expert of each slot]} and
   ``layer_updates_per_iter`` (0: a static placement). Its config model forbids other keys.
 - ``vllm`` (``.json`` with ``format="vllm"``): ``{"num_layers", "num_physical_experts",
-  "num_logical_experts", "ep_size", "layer_ids", "physical_to_logical_map": [L, P]}``. vLLM reads no
-  placement file (its ``EplbState`` keeps ``physical_to_logical_map [MoE layers, P]`` in memory);
-  this layout carries that map, each row keyed by its model layer id in ``layer_ids``.
+  "num_logical_experts", "ep_size", "layer_ids", "physical_to_logical_map": [MoE layers, P]}``. vLLM
+  reads no placement file (its ``EplbState`` keeps ``physical_to_logical_map [MoE layers, P]`` in
+  memory); this layout carries that map, dense layers left out, each row keyed by its model layer id.
 
 Slots are numbered globally in every format: slot ``p`` is on rank ``p // (P / G)``. Every write
 is atomic (``eplb.io.atomic``).
@@ -77,6 +77,7 @@ def write_placement(
     metadata: Mapping[str, Any] | None = None,
     model_layers: int | None = None,
     updates_per_iter: int = 0,
+    dense_rows: Sequence[int] = (),
 ) -> Path:
     """Write ``placement`` for an engine (or for eplb) atomically; return the path written.
 
@@ -98,16 +99,27 @@ def write_placement(
             holds expert ``p mod E``, the engines' own start).
         updates_per_iter: TensorRT-LLM's ``layer_updates_per_iter``: 0 keeps the placement static,
             ``n > 0`` lets its online balancer update ``n`` layers per iteration from it.
+        dense_rows: rows of layers without routed experts (``LoadFile.dense``). The vllm format
+            leaves them out: vLLM's map has one row per MoE layer. Other formats keep every row.
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
     if layer_ids is None and fmt != "eplb":
         warnings.warn(
-            f"writing {path.name} ({fmt}) with rows taken as model layers 0..{placement.num_layers - 1}; pass "
-            "layer_ids (statistics with layer ids) if the rows leave out dense or MTP layers",
+            f"no layer ids: {path.name} ({fmt}) takes its {placement.num_layers} rows as model layers "
+            f"0..{placement.num_layers - 1}, wrong if the statistics left out dense or MTP layers (the engine "
+            "loads them without a word); use statistics with layer ids (layer_ids=)",
             UserWarning, stacklevel=2,
         )
     ids = _check_layer_ids(layer_ids, placement.num_layers)
+    if fmt == "vllm" and len(dense_rows):
+        dense = set(dense_rows)
+        keep = [row for row in range(placement.num_layers) if row not in dense]
+        if not keep:
+            raise EplbError("every row is a dense layer (no load); plan on statistics that record the MoE layers")
+        placement = Placement(placement.phy2log[keep], placement.num_experts, placement.num_gpus,
+                              placement.num_nodes, algorithm=placement.algorithm)
+        ids = [ids[row] for row in keep]
     if model_layers is not None:
         placement, ids = _fit_model_layers(placement, ids, fmt, model_layers)
     if not (isinstance(updates_per_iter, int) and 0 <= updates_per_iter <= placement.num_layers):

@@ -12,8 +12,9 @@ Scenarios:
 
 Policies: ``static``; ``periodic`` (every 10 steps from the last 10, sync, like the engines) and a sweep of
 intervals for the balance-against-copies plot; a naive budgeted loop (``eplb.plan(current=, max_moves=8)``
-every 5 steps, sync); ``eplb`` (the online policy, defaults: one layer per step) and two variants (every
-changed layer per step; no move budget); ``oracle``; ``step_oracle``. Then step time with dispatch
+every 5 steps, sync); ``eplb`` (the online policy, defaults: ``layers_per_step="auto"``, as many layers per
+step as the links copy under the step's GEMMs) and three variants (one layer per step; every changed layer per
+step; no move budget); ``oracle``; ``step_oracle``. Then step time with dispatch
 (even / static / weighted) and waterfill on and off, and the speed of a 10,000-step run.
 
     python benchmarks/bench_simulate.py [--data ../shared/eplb_real_data] [--out-dir build/simulate]
@@ -72,6 +73,7 @@ def policies(num_groups: int | None, sweep: bool) -> list:
         Periodic(interval=10, window=10, name="periodic"),
         Budgeted(),
         online("eplb", config=config),
+        online("eplb 1 layer/step", config=config, layers_per_step=1),
         online("eplb all-layers", config=config, layers_per_step=1000),
         online("eplb unbounded", config=unbounded, layers_per_step=1000),
         Oracle(),

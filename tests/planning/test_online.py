@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eplb import EplbError, plan
-from eplb.planning.online import OnlineConfig, decide, predicted_max_over_mean
+from eplb.planning.online import OnlineConfig, decide, lower_bound_max_over_mean, predicted_max_over_mean
 
 
 def _shifted(make_load):
@@ -50,5 +50,106 @@ def test_bad_input_is_named(make_load) -> None:
         OnlineConfig(min_gain=1.5)
     with pytest.raises(EplbError, match="window"):
         OnlineConfig(window=0)
+    with pytest.raises(EplbError, match="shift_noise"):
+        OnlineConfig(shift_noise=0)
+    with pytest.raises(EplbError, match="min_windows"):
+        OnlineConfig(min_windows=0)
     with pytest.raises(EplbError, match="3 layers"):
         decide(make_load(3, 16), serving)
+
+
+# The workload-shift detector and the lower-bound skip (one home for the Rebalancer and the simulator).
+
+def _probs(seed: int, layers: int = 2, experts: int = 16) -> torch.Tensor:
+    """A skewed routing distribution ``[L, E]`` per layer (a workload)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.rand(layers, experts, generator=gen, dtype=torch.float64) ** 4 + 0.01
+    return p / p.sum(-1, keepdim=True)
+
+
+def _windows(probs: torch.Tensor, count: int, seed: int, tokens: int = 4000) -> torch.Tensor:
+    """``[count, L, E]`` windows of ``tokens`` token-expert pairs per layer drawn from ``probs``: windows of one
+    workload differ by sampling noise only."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(probs.repeat(count, 1), tokens, replacement=True, generator=gen)
+    counts = torch.zeros(draws.shape[0], probs.shape[1], dtype=torch.float64)
+    counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    return counts.view(count, *probs.shape)
+
+
+def _config(**kwargs) -> OnlineConfig:
+    return OnlineConfig(**{"window": 16, "max_moves": None, "min_gain": 0.0, "algorithm": "deepseek"} | kwargs)
+
+
+def test_after_a_shift_the_plan_ignores_the_old_workload() -> None:
+    old, new = _windows(_probs(1), 6, seed=10), _windows(_probs(2), 3, seed=11)
+    serving = plan(old.sum(0), num_gpus=4, num_slots=20, algorithm="deepseek")
+    history = torch.cat([old, new])
+    decision = decide(history, serving, _config())
+    assert decision.windows == 3
+    assert decision.before == pytest.approx(predicted_max_over_mean(serving, new))
+    assert torch.equal(decision.placement.phy2log, decide(new, serving, _config()).placement.phy2log)
+    # Without the detector all 9 windows are planned from, and the old workload pulls the plan elsewhere.
+    blind = decide(history, serving, _config(shift_noise=None))
+    assert blind.windows == 9
+    assert not torch.equal(blind.placement.phy2log, decision.placement.phy2log)
+
+
+def test_without_a_shift_every_window_is_used() -> None:
+    history = _windows(_probs(3), 8, seed=12)
+    serving = plan(_probs(4), num_gpus=4, num_slots=20, algorithm="deepseek")
+    decision = decide(history, serving, _config(window=6))
+    assert decision.windows == 6 and decision.act
+    assert decision.before == pytest.approx(predicted_max_over_mean(serving, history[-6:]))
+    assert decision.after == pytest.approx(predicted_max_over_mean(decision.placement, history[-6:]))
+
+
+def test_too_few_windows_of_the_new_workload_wait(monkeypatch) -> None:
+    old, new = _windows(_probs(1), 6, seed=10), _windows(_probs(2), 1, seed=11)
+    serving = plan(old.sum(0), num_gpus=4, num_slots=20, algorithm="deepseek")
+    monkeypatch.setattr("eplb.planning.online.plan", _no_plan)
+    decision = decide(torch.cat([old, new]), serving, _config(min_windows=2))
+    assert decision.windows == 1 and not decision.planned and not decision.act
+    assert decision.placement is serving
+
+
+def test_one_window_is_enough_when_the_window_is_one() -> None:
+    history = _windows(_probs(3), 1, seed=12)
+    serving = plan(_probs(4), num_gpus=4, num_slots=20, algorithm="deepseek")
+    assert decide(history, serving, _config(window=1, min_windows=2)).planned
+
+
+def _no_plan(*args, **kwargs):
+    raise AssertionError("decide planned although the lower bound rules out the gain")
+
+
+def test_no_plan_when_the_lower_bound_rules_out_the_gain(monkeypatch) -> None:
+    history = _windows(_probs(5), 4, seed=13)
+    fitted = decide(history, plan(_probs(6), num_gpus=4, num_slots=20, algorithm="deepseek"), _config()).placement
+    floor = lower_bound_max_over_mean(history, num_gpus=4, num_slots=20)
+    before = predicted_max_over_mean(fitted, history)
+    assert floor <= before < floor * 1.05  # the fitted placement is close to the bound
+    monkeypatch.setattr("eplb.planning.online.plan", _no_plan)
+    decision = decide(history, fitted, _config(min_gain=1 - floor / before + 0.01))
+    assert not decision.planned and not decision.act and decision.placement is fitted
+    assert decision.floor == pytest.approx(floor) and decision.before == pytest.approx(before)
+    with pytest.raises(AssertionError, match="lower bound"):  # a reachable gain still plans
+        decide(history, fitted, _config(min_gain=max(0.0, 1 - floor / before - 0.01)))
+
+
+def test_the_lower_bound_is_below_every_placement() -> None:
+    history = _windows(_probs(7), 4, seed=14)
+    floor = lower_bound_max_over_mean(history, num_gpus=4, num_slots=20)
+    for seed in range(4):
+        placement = plan(_probs(seed), num_gpus=4, num_slots=20, algorithm="deepseek")
+        assert floor <= predicted_max_over_mean(placement, history) + 1e-12
+
+
+def test_layers_land_largest_gain_first() -> None:
+    old, new = _windows(_probs(1), 4, seed=10), _windows(_probs(2, layers=4), 4, seed=11)
+    serving = plan(old.sum(0).repeat(2, 1), num_gpus=4, num_slots=20, algorithm="deepseek")
+    decision = decide(new, serving, _config())
+    assert decision.act and decision.gains is not None
+    changed = decision.moves.nonzero().flatten()
+    assert sorted(decision.order.tolist()) == changed.tolist()
+    assert decision.gains[decision.order].diff().le(0).all()

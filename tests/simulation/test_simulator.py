@@ -3,8 +3,8 @@ import torch
 
 import eplb
 from eplb.errors import EplbError
+from eplb.planning.online import same_workload
 from eplb.simulation import Action, CostModel, Online, Periodic, SimResult, StepOracle, build, simulate
-from eplb.simulation.policies import same_workload
 from tests.simulation.helpers import CLUSTER, phase_loads, small_scenario, write_fixture_table
 
 
@@ -135,3 +135,30 @@ def test_policies_are_copied_per_run():
     b = simulate(sc, [policy], **CLUSTER).runs["eplb"].summary()
     assert a == b | {"plan_seconds": a["plan_seconds"]}
     assert torch.is_tensor(sc.index)
+
+
+@pytest.mark.parametrize(("cost", "steps"), [("none", 1), ("tiny experts", 1), ("deepseek experts", 2)])
+def test_auto_layers_per_step_fit_the_copies_under_the_compute(tmp_path, cost, steps):
+    sc = small_scenario(steps=6)
+    first, other = eplb.plan(sc.expected[0], **CLUSTER), eplb.plan(sc.expected[2], **CLUSTER)
+    table = str(write_fixture_table(tmp_path / "t.json"))
+    # The fixture's step computes for ~0.1 ms: a 12 KB expert copies in well under that, an 88 MB one does not.
+    model = {"none": None, "tiny experts": CostModel(table=table, hidden=64, intermediate=32),
+             "deepseek experts": CostModel(table=table)}[cost]
+
+    def later(t, ctx):
+        return Action(other, mode="async", layers_per_step="auto") if t == 2 else None
+
+    run = simulate(sc, [later], **CLUSTER, initial=first, cost=model).runs["later"]
+    moves = (first.phy2log != other.phy2log).sum(1)
+    assert bool((moves > 0).all())  # both layers change
+    landed = [int(n) for n in run.copies.tolist() if n]
+    assert len(landed) == steps and sum(landed) == int(moves.sum())
+    if cost == "tiny experts":
+        assert float(run.stall_us.sum()) == 0.0  # both layers hid under one step's GEMMs
+
+
+def test_bad_layers_per_step_is_named():
+    sc = small_scenario(steps=2)
+    with pytest.raises(EplbError, match="layers_per_step"):
+        Action(eplb.plan(sc.expected[0], **CLUSTER), mode="async", layers_per_step="all")

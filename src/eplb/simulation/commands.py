@@ -8,10 +8,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from eplb.cluster import require_count
 from eplb.errors import EplbError
 from eplb.planning.online import OnlineConfig
 from eplb.simulation.cost import CostModel, describe
-from eplb.simulation.policies import POLICIES, Online, Oracle, Periodic, StepOracle
+from eplb.simulation.policies import LAYERS_AUTO, POLICIES, Online, Oracle, Periodic, StepOracle
 from eplb.simulation.scenarios import build, replay
 from eplb.simulation.simulator import simulate
 
@@ -37,7 +38,8 @@ from eplb.simulation.simulator import simulate
 @click.option("--window", default=1000, show_default=True, help="periodic: steps planned from (vLLM: 1000).")
 @click.option("--max-moves", default=32, show_default=True, help="eplb: changed slots per layer per move.")
 @click.option("--min-gain", default=0.02, show_default=True, help="eplb: act on this predicted max/mean drop.")
-@click.option("--layers-per-step", default=1, show_default=True, help="eplb: layers committed per step.")
+@click.option("--layers-per-step", default="auto", show_default=True,
+              help="eplb: layers committed per step, or auto: as many as the links copy under a step's GEMMs.")
 @click.option("--time/--no-time", "timed", default=True, show_default=True,
               help="Estimate step time (needs the measured GEMM table; DeepSeek-V3 expert shapes by default).")
 @click.option("--table", type=click.Path(dir_okay=False, path_type=str), help="GEMM cost table (bench_gemm_cost.py).")
@@ -48,7 +50,7 @@ from eplb.simulation.simulator import simulate
 def simulate_command(phases: tuple[str, ...], replay_file: str | None, steps: int, tokens: int, top_k: int,
                      switch: str, ramp: int, seed: int, gpus: int, slots: int, nodes: int, groups: int | None,
                      policies: str, algorithm: str, interval: int, window: int, max_moves: int, min_gain: float,
-                     layers_per_step: int, timed: bool, table: str | None, dtype: str, dispatch: str,
+                     layers_per_step: str, timed: bool, table: str | None, dtype: str, dispatch: str,
                      waterfill: bool, save: str | None) -> None:
     """Replay PHASES (loads files; FILE#NAME picks a part) through balancing policies and print, per policy,
     the time-averaged max/mean GPU load, expert copies, stall and estimated step time."""
@@ -59,9 +61,12 @@ def simulate_command(phases: tuple[str, ...], replay_file: str | None, steps: in
     else:
         scenario = build(list(phases), steps_per_phase=steps, tokens_per_step=tokens, top_k=top_k, switch=switch,
                          ramp_steps=ramp, seed=seed)
+    lps = layers_per_step if layers_per_step == LAYERS_AUTO else require_count(
+        "--layers-per-step", int(layers_per_step) if layers_per_step.isdigit() else layers_per_step,
+        fix=f"pass a positive integer or {LAYERS_AUTO}")
     config = OnlineConfig(window=16, max_moves=max_moves, min_gain=min_gain, algorithm=algorithm, num_groups=groups)
     makers = {"static": lambda: "static", "periodic": lambda: Periodic(interval=interval, window=window),
-              "eplb": lambda: Online(config=config, layers_per_step=layers_per_step), "oracle": Oracle,
+              "eplb": lambda: Online(config=config, layers_per_step=lps), "oracle": Oracle,
               "step_oracle": StepOracle}
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in makers]

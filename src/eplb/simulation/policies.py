@@ -6,7 +6,9 @@ the placement serving, the cluster) and returns None or an ``Action``: a target 
 - ``"free"``: serving at once, no copy time (the oracles: a bar, not a policy one could run);
 - ``"sync"``: serving at once, the step stalls while every moved expert is copied (the engines' rule);
 - ``"async"``: after ``latency_steps`` (planning on a CPU thread), ``layers_per_step`` layers commit per
-  step, the layers with the largest predicted gain first; copies run under the step's compute.
+  step, the layers with the largest predicted gain first; copies run under the step's compute, and the part
+  that does not fit stalls the step. ``layers_per_step="auto"`` lands as many layers per step as the links
+  can copy under the step's GEMMs (``LAYERS_AUTO``).
 
 While an async move is in flight the policy is not called. Any callable ``(step, ctx) -> Action |
 Placement | None`` is a policy too (a bare Placement lands ``"sync"``).
@@ -14,7 +16,6 @@ Placement | None`` is a policy too (a bare Placement lands ``"sync"``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +25,12 @@ import torch
 import eplb
 from eplb.cluster import Cluster, require_choice, require_count
 from eplb.errors import EplbError
-from eplb.metrics import balancedness, lower_bound
 from eplb.placement import Placement
-from eplb.planning.online import OnlineConfig, decide, predicted_max_over_mean
+from eplb.planning.online import OnlineConfig, current_workload, decide, predicted_max_over_mean
 from eplb.simulation.scenarios import Scenario
 
 MODES = ("free", "sync", "async")
+LAYERS_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,18 @@ class Action:
         target: the placement to reach (same shape as the one serving).
         mode: ``"free"``, ``"sync"`` or ``"async"`` (see the module doc).
         latency_steps: async: steps between the decision and the first commit.
-        layers_per_step: async: layers committed per step.
+        layers_per_step: async: layers committed per step, or ``"auto"``: in commit order, as many layers
+            per step as the time model says their copies take no longer than the step's GEMMs, estimated as
+            the target placement's GEMM time on the last observed step (the balanced placement computes the
+            least, so the estimate errs towards fewer layers); at least one layer a step. Without a time
+            model copies cost nothing, and every changed layer lands in one step.
         order: async: ``[L]`` priority of each layer (higher first); default: layer order.
     """
 
     target: Placement
     mode: str = "sync"
     latency_steps: int = 0
-    layers_per_step: int = 1
+    layers_per_step: int | str = 1
     order: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -55,7 +60,9 @@ class Action:
             raise EplbError(f"an action's target must be a Placement, got {type(self.target).__name__}")
         require_choice("action mode", self.mode, MODES)
         require_count("latency_steps", self.latency_steps, minimum=0, fix="pass steps before the first commit")
-        require_count("layers_per_step", self.layers_per_step, fix="pass layers committed per step")
+        if self.layers_per_step != LAYERS_AUTO:
+            require_count("layers_per_step", self.layers_per_step,
+                          fix=f"pass layers committed per step, or {LAYERS_AUTO!r} to fit them under the compute")
 
 
 class History:
@@ -157,38 +164,29 @@ class Periodic:
 
 @dataclass
 class Online:
-    """eplb's online rebalancer: ``eplb.planning.online.decide`` (the runtime ``Rebalancer``'s decision) on the
-    recent steps of the current workload, moves bounded by ``config.max_moves`` per layer, acting only on a
-    predicted gain of ``config.min_gain``, committed async ``layers_per_step`` layers per step (largest gain
-    first) after ``latency_steps``.
+    """eplb's online rebalancer: ``eplb.planning.online.decide``, the runtime ``Rebalancer``'s decision (the
+    current workload's recent steps, the shift detector, the lower-bound skip, moves bounded by
+    ``config.max_moves`` per layer, acting only on a predicted gain of ``config.min_gain``), committed async
+    after ``latency_steps``, largest gain first, ``layers_per_step`` layers per step.
 
-    Which steps: the longest run of recent steps (at most ``config.window``) whose loads differ from the
-    newest step's by no more than ``noise`` times the usual step-to-step difference (a workload shift cuts the run:
-    the plan and its gain are measured on the new workload only, and old steps cannot outvote it).
-
-    When: ``decide`` plans before it gates, and planning is the expensive part, so it runs only when the
-    answer can have changed: when the run restarts (a shift), when it has doubled in length since the last
-    decision (more steps: a less noisy plan), after each move has landed, and, once settled on a full window,
-    when the serving placement's max/mean on it has drifted up by ``min_gain / 2`` since the last decision
-    (checked every ``window / 4`` steps); never while the per-step lower bound shows that no placement could
-    gain ``min_gain``.
+    This policy only chooses when to call ``decide``: planning is the expensive part, so it runs only when the
+    answer can have changed: when the current workload's run of steps (``current_workload``) restarts (a
+    shift), when it has doubled in length since the last decision (more steps: a less noisy plan), after each
+    move has landed, and, once settled on a full window, when the serving placement's max/mean on it has
+    drifted up by ``min_gain / 2`` since the last decision (checked every ``window / 4`` steps).
 
     Args:
-        config: window, max_moves, min_gain, algorithm, num_groups (``OnlineConfig``).
-        noise: how many times the usual step-to-step difference (sampling noise, or the median difference of
-            consecutive recent steps if larger) still counts as the same workload (total-variation distance of
-            the expert shares, averaged over layers).
-        min_steps: the fewest steps of a workload to plan from (one step would fit its own sampling noise).
+        config: window, max_moves, min_gain, algorithm, num_groups, shift_noise, min_windows (``OnlineConfig``;
+            one window is one step here).
         latency_steps: steps from a decision to the first commit (the plan runs on a CPU thread meanwhile).
-        layers_per_step: layers committed per step.
+        layers_per_step: layers committed per step, or ``"auto"``: as many as the links can copy under one
+            step's GEMMs (see ``Action``).
     """
 
     config: OnlineConfig = field(default_factory=lambda: OnlineConfig(window=16, max_moves=32, min_gain=0.02,
                                                                       algorithm="deepseek"))
-    noise: float = 1.5
-    min_steps: int = 2
     latency_steps: int = 1
-    layers_per_step: int = 1
+    layers_per_step: int | str = "auto"
     name: str = "eplb"
     _run: int = field(default=0, init=False, repr=False)
     _decided_at: int = field(default=0, init=False, repr=False)
@@ -200,72 +198,28 @@ class Online:
         recent = ctx.history.recent(self.config.window)
         if recent.shape[0] == 0:
             return None
-        run = same_workload(recent, self.noise)
+        steps = current_workload(recent, self.config)
+        run = steps.shape[0]
         if run < self._run:  # a shift: the new workload's steps start over
             self._decided_at = 0
         self._run = run
-        if run < self.min_steps:
-            return None
         grown = run >= min(2 * self._decided_at, self.config.window) and run > self._decided_at
         # Settled on a full window: look for drift now and then (scoring the serving placement is cheap).
         drift_check = run >= self.config.window and t - self._checked >= max(1, self.config.window // 4)
         if not (self._moved or grown or drift_check):
             return None
-        steps = recent[-run:]
         before = predicted_max_over_mean(ctx.serving, steps)
         self._checked = t
         if not (self._moved or grown) and before <= self._before * (1 + self.config.min_gain / 2):
             return None
         self._decided_at, self._moved, self._before = run, False, before
-        if before * (1 - self.config.min_gain) < _floor(steps, ctx.cluster):
-            return None
-        decision = decide(steps, ctx.serving, self.config)
-        ctx.plan_calls += 1
+        decision = decide(recent, ctx.serving, self.config)
+        ctx.plan_calls += int(decision.planned)
         if not decision.act:
             return None
         self._moved = True
         return Action(decision.placement, mode="async", latency_steps=self.latency_steps,
-                      layers_per_step=self.layers_per_step, order=_layer_gain(ctx.serving, decision.placement, steps))
-
-
-def same_workload(recent: torch.Tensor, noise: float) -> int:
-    """How many of the newest steps of ``recent [T, L, E]`` look like one workload: those whose expert shares
-    are within ``noise`` times the usual step-to-step difference of the newest step's (total variation, mean
-    over layers). The usual difference is the larger of the sampling noise and the median difference between
-    consecutive steps, so that real traffic, which moves more than sampling explains, is not cut at every step."""
-    total = recent.sum(-1, keepdim=True)
-    share = recent / total.clamp(min=1e-300)
-    loaded = total.squeeze(-1) > 0  # [T, L]
-
-    def mean_over_layers(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, tv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
-
-    distance = mean_over_layers(0.5 * (share - share[-1]).abs().sum(-1), loaded)  # [T]
-    # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
-    # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
-    spread = recent.sqrt().sum(-1) / total.squeeze(-1).clamp(min=1e-300) / math.sqrt(math.pi)
-    scale = float(mean_over_layers(spread, loaded)[-1])
-    if recent.shape[0] > 2:
-        steps = mean_over_layers(0.5 * (share[1:] - share[:-1]).abs().sum(-1), loaded[1:] & loaded[:-1])
-        scale = max(scale, float(steps.median()))
-    outside = (distance > noise * max(scale, 1e-12)).nonzero().flatten()
-    return recent.shape[0] - (int(outside[-1]) + 1 if outside.numel() else 0)
-
-
-def _floor(recent: torch.Tensor, cluster: Cluster) -> float:
-    """Mean over steps and loaded layers of the per-step lower bound on max/mean: no placement does better."""
-    total = recent.sum(-1)  # [T, L]
-    bound = lower_bound(recent.flatten(0, 1), cluster.num_gpus, cluster.num_slots).view_as(total)
-    loaded = total > 0
-    ratio = bound / torch.where(loaded, total / cluster.num_gpus, 1.0)
-    return float(ratio[loaded].mean()) if bool(loaded.any()) else 1.0
-
-
-def _layer_gain(old: Placement, new: Placement, recent: torch.Tensor) -> torch.Tensor:
-    """``[L]``: drop in max/mean per layer on ``recent`` from ``old`` to ``new`` (the commit order)."""
-    def score(p: Placement) -> torch.Tensor:
-        return (1.0 / balancedness(p.gpu_load(recent))).mean(0)
-    return score(old) - score(new)
+                      layers_per_step=self.layers_per_step, order=decision.gains)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.simulation import evaluation
 from eplb.simulation.cost import CostModel, describe
-from eplb.simulation.policies import Action, Context, History, make, policy_name
+from eplb.simulation.policies import LAYERS_AUTO, Action, Context, History, make, policy_name
 from eplb.simulation.results import PolicyRun, SimResult
 from eplb.simulation.scenarios import Scenario
 
@@ -181,7 +181,7 @@ def _advance(r: _Runner, t: int, ctx: Context, cost: CostModel | None) -> tuple[
             if bool(changed.any()):
                 r.rebalances.append(t)
                 if action.mode == "async":
-                    _schedule(r, t, action, changed)
+                    _schedule(r, t, action, changed, ctx, cost)
                 else:
                     copies = _copies(r.serving, action.target)
                     if action.mode == "sync" and cost is not None:
@@ -203,14 +203,35 @@ def _advance(r: _Runner, t: int, ctx: Context, cost: CostModel | None) -> tuple[
     return stall, hidden
 
 
-def _schedule(r: _Runner, t: int, action: Action, changed: torch.Tensor) -> None:
+def _schedule(r: _Runner, t: int, action: Action, changed: torch.Tensor, ctx: Context,
+              cost: CostModel | None) -> None:
     layers = changed.nonzero().flatten()
     if action.order is not None:
         layers = layers[torch.argsort(action.order[layers], descending=True, stable=True)]
     first = t + action.latency_steps
     r.target = action.target
-    r.pending = [(first + i // action.layers_per_step, int(layer), action.target.phy2log[int(layer)])
-                 for i, layer in enumerate(layers.tolist())]
+    r.pending = [(first + i, layer, action.target.phy2log[layer])
+                 for i, batch in enumerate(_batches(layers.tolist(), r.serving, action, ctx, cost)) for layer in batch]
+
+
+def _batches(layers: list[int], serving: Placement, action: Action, ctx: Context,
+             cost: CostModel | None) -> list[list[int]]:
+    """``layers`` (in commit order) cut into the batches that land on consecutive steps (see ``Action``)."""
+    if action.layers_per_step != LAYERS_AUTO:
+        n = int(action.layers_per_step)
+        return [layers[i : i + n] for i in range(0, len(layers), n)]
+    if cost is None or ctx.history.count == 0:
+        return [layers] if cost is None else [[layer] for layer in layers]
+    last = ctx.history.recent(1)
+    budget = float(evaluation.evaluate_steps(action.target, last, top_k=ctx.scenario.top_k, cost=cost).gemm_us[0])
+    batches: list[list[int]] = []
+    for layer in layers:
+        grown = [*batches[-1], layer] if batches else [layer]
+        if batches and evaluation.copy_us(serving, action.target, cost, torch.tensor(grown)) <= budget:
+            batches[-1] = grown
+        else:
+            batches.append([layer])
+    return batches
 
 
 def _copies(old: Placement, new: Placement) -> int:

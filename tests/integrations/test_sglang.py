@@ -7,9 +7,10 @@ import torch
 from click.testing import CliRunner
 
 import eplb
+from eplb.cli import run
 from eplb.errors import EplbError
 from eplb.integrations import sglang
-from eplb.integrations.commands import check, sglang_args
+from eplb.integrations.commands import sglang_args
 from eplb.io.placements import write_placement
 
 NOT_IMPORTABLE = "SGLang is not importable: run scripts/interop.py"
@@ -46,12 +47,13 @@ def test_check_refuses_a_file_that_does_not_fit(placement_file, layers, ep, expe
         sglang.check(placement, model_layers=layers, ep_size=ep, num_experts=experts)
 
 
-def test_check_command(placement_file):
+def test_check_command(placement_file, capsys):
     _, path = placement_file
-    ok = CliRunner().invoke(check, [str(path), "--engine", "sglang", "--model-layers", "4", "--ep-size", "4"])
-    assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(check, [str(path), "--model-layers", "61", "--ep-size", "4"])
-    assert bad.exit_code == 1 and "61 layers" in bad.output
+    assert run(["check", str(path), "--engine", "sglang", "--model-layers", "4", "--ep-size", "4"]) == 0
+    assert "fits sglang with 4 layers on EP size 4 (4 redundant slots)" in capsys.readouterr().out
+    assert run(["check", str(path), "--model-layers", "61", "--ep-size", "4", "--redundant-experts", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "61 layers" in err[0] and "pass --ep-num-redundant-experts 4" in err[0]
 
 
 def test_sglang_args_refuses_a_file_sglang_rejects(tmp_path):

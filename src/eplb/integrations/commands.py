@@ -8,9 +8,8 @@ from typing import TypeVar
 
 import click
 
-from eplb.errors import EplbError
-from eplb.integrations import sglang
-from eplb.io.placements import read_placement, read_placement_file
+from eplb.integrations import sglang, trtllm, vllm
+from eplb.io.placements import read_placement_file
 from eplb.placement import Placement
 
 T = TypeVar("T")
@@ -46,21 +45,29 @@ def sglang_args(path: str, ep_size: int | None) -> None:
 
 @click.command("check")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--engine", type=click.Choice(["sglang"]), default="sglang", show_default=True)
-@click.option("--model-layers", type=int, required=True, help="The model's num_hidden_layers.")
-@click.option("--ep-size", type=int, required=True, help="The server's EP size.")
-@click.option("--experts", type=int, help="The model's routed experts (checked when given).")
-def check(path: str, engine: str, model_layers: int, ep_size: int, experts: int | None) -> None:
-    """Refuse the placement file PATH when it does not fit the model and EP group of ENGINE."""
-    try:
-        placement = read_placement(path, num_gpus=ep_size)
-    except EplbError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        sglang.check(placement, model_layers=model_layers, ep_size=ep_size, num_experts=experts)
-    except EplbError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"{path}: fits {engine} with {model_layers} layers on EP size {ep_size}")
+@click.option("--engine", type=click.Choice(["sglang", "trtllm", "vllm"]), default="sglang", show_default=True)
+@click.option("--model-layers", type=click.IntRange(min=1), required=True,
+              help="The model's num_hidden_layers (TensorRT-LLM: plus its MTP layers).")
+@click.option("--ep-size", type=click.IntRange(min=1), required=True, help="The server's EP size.")
+@click.option("--dense-layers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leading layers without routed experts (DeepSeek-V3: 3); trtllm and vllm have no map for them.")
+@click.option("--experts", type=click.IntRange(min=1), help="The model's routed experts (checked when given).")
+@click.option("--redundant-experts", type=click.IntRange(min=0),
+              help="sglang --ep-num-redundant-experts / vllm num_redundant_experts (checked when given).")
+def check(path: str, engine: str, model_layers: int, ep_size: int, dense_layers: int, experts: int | None,
+          redundant_experts: int | None) -> None:
+    """Refuse the placement file PATH when ENGINE would reject it or apply it to the wrong layers or slots."""
+    file = read_placement_file(path, num_gpus=ep_size)
+    if engine == "sglang":
+        sglang.check(file.placement, model_layers=model_layers, ep_size=ep_size, num_experts=experts,
+                     redundant_experts=redundant_experts)
+    elif engine == "trtllm":
+        trtllm.check(file, model_layers=model_layers, ep_size=ep_size, dense_layers=dense_layers, num_experts=experts)
+    else:
+        vllm.check(file, model_layers=model_layers, ep_size=ep_size, dense_layers=dense_layers, num_experts=experts,
+                   redundant_experts=redundant_experts)
+    spare = file.placement.num_slots - file.placement.num_experts
+    click.echo(f"{path}: fits {engine} with {model_layers} layers on EP size {ep_size} ({spare} redundant slots)")
 
 
 COMMANDS = (sglang_args, check)

@@ -43,7 +43,8 @@ def server_args(placement: Placement, path: str | Path) -> list[str]:
             "--ep-size", str(placement.num_gpus)]
 
 
-def check(placement: Placement, *, model_layers: int, ep_size: int, num_experts: int | None = None) -> None:
+def check(placement: Placement, *, model_layers: int, ep_size: int, num_experts: int | None = None,
+          redundant_experts: int | None = None) -> None:
     """Refuse a placement SGLang would load wrongly for a model of ``model_layers`` layers on ``ep_size`` ranks.
 
     Args:
@@ -51,6 +52,8 @@ def check(placement: Placement, *, model_layers: int, ep_size: int, num_experts:
         model_layers: the model's ``num_hidden_layers`` (SGLang keeps a row for every layer).
         ep_size: ``--ep-size`` of the server.
         num_experts: the model's routed experts, when known (checked too).
+        redundant_experts: ``--ep-num-redundant-experts`` of the server, when known (SGLang takes the slot
+            count from it, not from the file).
 
     Raises:
         EplbError: naming every mismatch and the flag or file to change.
@@ -64,6 +67,10 @@ def check(placement: Placement, *, model_layers: int, ep_size: int, num_experts:
         problems.append(f"{num_slots} slots cannot be split over --ep-size {ep_size}: plan for {ep_size} GPUs")
     if num_experts is not None and placement.num_experts != num_experts:
         problems.append(f"the file places {placement.num_experts} experts, the model has {num_experts}")
+    spare = num_slots - placement.num_experts
+    if redundant_experts is not None and spare != redundant_experts:
+        problems.append(f"the file has {spare} redundant slots but --ep-num-redundant-experts is {redundant_experts}: "
+                        f"pass --ep-num-redundant-experts {spare}")
     if problems:
         raise EplbError("; ".join(problems))
 

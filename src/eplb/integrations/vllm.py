@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
-from eplb.io.placements import read_placement
+from eplb.integrations.layers import moe_layer_ids
+from eplb.io.placements import PlacementFile, _brief, read_placement
 from eplb.placement import Placement
 from eplb.planning.deepseek import rebalance_experts as deepseek_rebalance
 from eplb.planning.migration.align import align
@@ -200,6 +201,44 @@ def install(algorithm: str = "deepseek", max_moves: int | None = None,
     rebalance_algo.rebalance_experts = legacy.rebalance_experts
     eplb_state.rebalance_experts = legacy.rebalance_experts
     return policy
+
+
+def check(file: PlacementFile, *, model_layers: int, ep_size: int, dense_layers: int = 0,
+          num_experts: int | None = None, redundant_experts: int | None = None) -> None:
+    """Refuse a placement file that ``install(initial=FILE)`` cannot apply to a vLLM server.
+
+    vLLM's map has one row per MoE layer of the model (``num_moe_layers``; its MTP drafter is a model
+    of its own) and ``E + num_redundant_experts`` slots; a file of another shape fails at vLLM's
+    first rearrangement, and rows of the wrong layers would be applied to the wrong layers silently.
+
+    Args:
+        file: the file read (its slots already split over ``ep_size`` ranks).
+        model_layers: the model's ``num_hidden_layers``.
+        ep_size: vLLM's EP size.
+        dense_layers: the leading layers without routed experts (DeepSeek-V3: 3).
+        num_experts: the model's routed experts, when known.
+        redundant_experts: ``--eplb-config num_redundant_experts``, when known.
+
+    Raises:
+        EplbError: naming every mismatch and the fix.
+    """
+    placement, problems = file.placement, []
+    moe = moe_layer_ids(model_layers, dense_layers)
+    if placement.num_layers != len(moe):
+        problems.append(f"the file has {placement.num_layers} rows but vLLM's map has {len(moe)} (one per MoE layer: "
+                        f"{model_layers} layers less {dense_layers} dense); write it with --format vllm")
+    elif file.format in ("vllm", "eplb") and file.layer_ids != moe:
+        problems.append(f"the rows are layers {_brief(file.layer_ids)} but the MoE layers are {_brief(moe)}; "
+                        "plan from this model's statistics with layer ids")
+    if num_experts is not None and placement.num_experts != num_experts:
+        problems.append(f"the file places {placement.num_experts} experts, the model has {num_experts}")
+    spare = placement.num_slots - placement.num_experts
+    if redundant_experts is not None and spare != redundant_experts:
+        problems.append(f"the file has {spare} redundant slots but num_redundant_experts is {redundant_experts}: "
+                        f"set --eplb-config '{{\"num_redundant_experts\": {spare}}}' or plan for "
+                        f"{placement.num_experts + redundant_experts} slots")
+    if problems:
+        raise EplbError("; ".join(problems))
 
 
 def plugin() -> None:

@@ -441,4 +441,5 @@ def _from_map(
 
 def _check_matches(path: Path, name: str, given: int | None, stored: int) -> None:
     if given is not None and given != stored:
-        raise EplbError(f"{path} was written for {name}={stored}, not {given}; pass {stored} or leave {name} out")
+        raise EplbError(f"{path} was written for {name}={stored}, not {given}; plan again for {given}, or use it with "
+                        f"{stored}")

@@ -9,7 +9,7 @@ one GPU is always balanced, so the rebalance is ordered with ``Rebalancer.move_t
 of every layer takes another expert (``--slots - --experts`` moves per layer); the multi-GPU transfers are
 measured on several GPUs (docs/benchmarks/multi_gpu.md). A step is the reference ``EPMoE`` forward of every
 layer on ``--tokens`` tokens plus ``recorder.step()`` and ``rebalancer.step()``, timed from one device sync
-to the next; async mode commits one layer per step.
+to the next; async mode commits ``--layers-per-step`` layers per step.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=72)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=24, help="steps per run (the rebalance is ordered half way)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds without and with a rebalancer")
+    parser.add_argument("--layers-per-step", type=int, default=1, help="async: layers committed per step")
     parser.add_argument("--json", default=None)
     return parser.parse_args()
 
@@ -85,7 +87,7 @@ def main() -> None:
         rb = None
         if with_rebalancer:
             rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(
-                every=10**6, mode=mode, migration=MigrationConfig(timeout_s=120)),
+                every=10**6, mode=mode, layers_per_step=args.layers_per_step, migration=MigrationConfig(timeout_s=120)),
                 on_commit=lambda layer, placement: layers[layer].set_placement(placement))
         return layers, recorder, rb
 
@@ -114,7 +116,7 @@ def main() -> None:
         return out, sum(r.report.moves for r in rb.rebalances)
 
     rows = []
-    for round_ in range(3):  # interleaved rounds: the machine's noise hits both sides alike
+    for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
         base, _ = run(False)
         with_rb, moves = run(True)
         base_ms = statistics.median(t for t, _ in base[2:]) * 1e3

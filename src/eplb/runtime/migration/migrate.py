@@ -179,7 +179,7 @@ class Step:
         if self.staged is None:
             raise EplbError("nothing is staged to commit; call commit() only when decide() returned None")
         clock = time.perf_counter()
-        transfer.commit(self.weights, self.t, self.staged, self.session.rank)
+        transfer.commit(self.weights, self.t, self.staged, self.session.rank, self.config.backend)
         self._lap("commit", clock)
 
     def finish(self) -> None:

@@ -13,6 +13,7 @@ Checksums are ``checksums.checksum`` of each tensor's bytes, one per slot and te
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eplb.runtime.backend import use_triton
 from eplb.runtime.migration.checksums import checksum
 from eplb.runtime.migration.plan import LayerTransfers
 from eplb.runtime.migration.sync import PeerAbort, StepSync
@@ -59,27 +61,56 @@ def _pack(
     out: torch.Tensor, src_rows: list[torch.Tensor], layout: RowLayout, slots: list[int], verify: bool, backend: str
 ) -> None:
     """Fill ``out [k, row_bytes]`` with local slots ``slots``, and with their checksums when
-    ``verify`` (computed on the rows read from the slots, not on ``out``, with ``backend``).
-
-    Small rows are gathered in one op per tensor; large ones are copied row by row, since a GPU
-    gathers large byte rows far below its copy bandwidth.
-    """
+    ``verify`` (computed on the rows read from the slots, not on ``out``, with ``backend``)."""
     if not slots:
         return
     sums = _sums(out, layout)
-    index = torch.tensor(slots, device=out.device)
     for t, (seg, src) in enumerate(zip(layout.segments, src_rows, strict=True)):
         dst = out[:, seg.offset : seg.offset + seg.nbytes]
-        if seg.nbytes < _GATHER_BYTES:
-            rows = src.index_select(0, index)
-            dst.copy_(rows)
-            if verify:
-                sums[:, t] = checksum(rows, backend)
-            continue
-        for j, slot in enumerate(slots):
-            dst[j].copy_(src[slot])
-            if verify:
-                sums[j, t] = checksum(src[slot : slot + 1], backend)[0]
+        copy_rows(dst, range(len(slots)), src, slots, sums[:, t] if verify else None, backend)
+
+
+def copy_rows(
+    dst: torch.Tensor, dst_index: Sequence[int], src: torch.Tensor, src_index: Sequence[int],
+    sums: torch.Tensor | None = None, backend: str = "auto",
+) -> None:
+    """``dst[dst_index[r]] = src[src_index[r]]`` for byte rows ``[*, n]`` uint8 (rows contiguous, any
+    row stride); with ``sums [R]`` int64, ``sums[r]`` = the checksum of source row ``src_index[r]``.
+
+    With the Triton backend and rows of whole aligned 32-bit words: one kernel per call that reads
+    each word once for the copy and the checksum. Otherwise torch: small rows gathered in one op,
+    large ones copied row by row (a GPU gathers large byte rows far below its copy bandwidth).
+    """
+    if not src_index:
+        return
+    if use_triton(backend, src.device):
+        words = _word_rows(dst), _word_rows(src)
+        if words[0] is not None and words[1] is not None:
+            from eplb.runtime.migration.checksums_triton import copy_word_rows
+
+            if sums is not None:
+                sums.zero_()
+            index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
+            copy_word_rows(words[0], index[0], words[1], index[1], sums)
+            return
+    if src.shape[1] < _GATHER_BYTES:
+        index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
+        rows = src.index_select(0, index[1])
+        dst.index_copy_(0, index[0], rows)
+        if sums is not None:
+            sums.copy_(checksum(rows, backend))
+        return
+    for r, (d, s) in enumerate(zip(dst_index, src_index, strict=True)):
+        dst[d].copy_(src[s])
+        if sums is not None:
+            sums[r] = checksum(src[s : s + 1], backend)[0]
+
+
+def _word_rows(rows: torch.Tensor) -> torch.Tensor | None:
+    """``rows [*, 4 m]`` uint8 as int32 words (a view), or None where they are not whole aligned words."""
+    if rows.shape[1] % 4 or rows.stride(0) % 4 or rows.storage_offset() % 4 or rows.data_ptr() % 4:
+        return None
+    return rows.view(torch.int32)
 
 
 def _sums(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
@@ -249,17 +280,17 @@ def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int,
         )
 
 
-def commit(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int) -> None:
-    """Copy each changed slot's staged expert into place, on the current stream (after ``staged``'s)."""
+def commit(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int, backend: str = "auto") -> None:
+    """Copy each changed slot's staged expert into place, on the current stream (after ``staged``'s), with
+    ``backend`` (``copy_rows``)."""
     layout = weights.layout(t.layer)
     dst_rows = weights.byte_rows(t.layer)
     if staged.stream is not None:
         current = torch.cuda.current_stream(staged.rows.device)
         current.wait_stream(staged.stream)
         staged.rows.record_stream(current)
+    fills = t.rank_fills(rank)
     with torch.no_grad():
-        for slot, e in t.rank_fills(rank):
-            row = staged.rows[staged.row_of[e]]
-            for seg, dst in zip(layout.segments, dst_rows, strict=True):
-                dst[slot].copy_(row[seg.offset : seg.offset + seg.nbytes])
-
+        for seg, dst in zip(layout.segments, dst_rows, strict=True):
+            src = staged.rows[:, seg.offset : seg.offset + seg.nbytes]
+            copy_rows(dst, [slot for slot, _ in fills], src, [staged.row_of[e] for _, e in fills], backend=backend)

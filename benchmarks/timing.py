@@ -1,4 +1,5 @@
-"""Timing helpers the GPU benchmarks share: CUDA-graph replay timing, interleaved A/B rounds, metadata.
+"""Timing helpers the GPU benchmarks share: CUDA-graph replay timing, interleaved A/B rounds, timed serving
+steps and a rebalance's step overhead, metadata.
 
 An op is a function ``op(i)`` of the call index ``i`` (benchmarks cycle it over a model's layers).
 :func:`time_per_call` captures ``calls`` calls of it in one CUDA graph and times replays with CUDA
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,3 +93,49 @@ def write_json(path: str | None, meta_: dict[str, Any], rows: list[dict[str, Any
     if path:
         with open(path, "w") as f:
             json.dump({"meta": meta_, "rows": rows}, f, indent=1)
+
+
+def timed_steps(step: Callable[[int], bool], steps: int, sync: Callable[[], None]) -> list[tuple[float, bool]]:
+    """Run ``step(i)`` for ``i < steps``, each timed from one ``sync()`` (a device sync) to the next.
+
+    Args:
+        step: one serving step; returns whether a migration was in flight during it.
+        steps: how many.
+        sync: waits for the device (a no-op on the CPU).
+
+    Returns:
+        Per step ``(seconds, migrating)``.
+    """
+    out = []
+    for i in range(steps):
+        sync()
+        start = time.perf_counter()
+        busy = step(i)
+        sync()
+        out.append((time.perf_counter() - start, busy))
+    return out
+
+
+def step_overhead(base: Sequence[float], with_rebalancer: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """What an in-flight rebalance costs a step, in milliseconds and as a fraction of the step without one.
+
+    Args:
+        base: step seconds of a run without a rebalancer (warm-up steps already dropped).
+        with_rebalancer: ``(seconds, migrating)`` per step of the same run with one (warm-up dropped).
+    """
+    base_ms = statistics.median(base) * 1e3
+    busy = [t * 1e3 for t, b in with_rebalancer if b]
+    idle = [t * 1e3 for t, b in with_rebalancer if not b]
+    row: dict[str, Any] = {
+        "step_ms_without_rebalancer": base_ms,
+        "step_ms_idle_rebalancer": statistics.median(idle) if idle else None,
+        "step_ms_migrating": statistics.median(busy) if busy else None,
+        "worst_step_ms_migrating": max(busy) if busy else None,
+        "migrating_steps": len(busy),
+    }
+    if busy:
+        row["overhead_median"] = row["step_ms_migrating"] / base_ms - 1
+        row["overhead_worst"] = row["worst_step_ms_migrating"] / base_ms - 1
+        if idle:
+            row["overhead_vs_idle_steps"] = row["step_ms_migrating"] / row["step_ms_idle_rebalancer"] - 1
+    return row

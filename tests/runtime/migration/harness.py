@@ -1,9 +1,5 @@
-"""What the migration tests share: canonical expert contents, random placements, spawned gloo ranks.
-
-Expert ``e`` of layer ``l`` has deterministic content per tensor (random bytes, so float tensors
-hold NaN and infinity patterns too, which only a bit-exact copy preserves), so any rank can tell
-whether a slot holds exactly its expert's bytes.
-"""
+"""What the migration tests share: canonical expert contents and random placements
+(``eplb.runtime.migration.selfcheck``), and spawned gloo ranks."""
 
 from __future__ import annotations
 
@@ -16,69 +12,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eplb.placement import Placement
-from eplb.runtime.migration import ExpertWeights
+# The known contents live in eplb (the multi-GPU benchmarks check migrations with them too).
+from eplb.runtime.migration.selfcheck import (  # noqa: F401 - re-exported for the tests
+    TENSORS,
+    canonical,
+    corrupted_slots,
+    local_bytes,
+    make_weights,
+    random_placement,
+)
 
-# name -> (dtype, per-slot shape): an int8 weight with float32 block scales and a bf16 bias.
-TENSORS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
-    "w_int8": (torch.int8, (8, 16)),
-    "scale": (torch.float32, (2, 2)),
-    "bias": (torch.bfloat16, (8,)),
+# A quantised layer: fp8 weights with float32 scales, a bf16 tensor, and one that ends in a partial word.
+FP8 = {
+    "w13": (torch.float8_e4m3fn, (4, 8)),
+    "w13_scale": (torch.float32, (1, 2)),
+    "w2": (torch.bfloat16, (8, 2)),
+    "odd": (torch.int8, (3,)),  # 3 bytes: the checksum pads the last word
 }
-
-
-def canonical(num_layers: int, num_experts: int, tensors: dict = TENSORS) -> list[dict[str, torch.Tensor]]:
-    """Per layer and tensor name, ``[E, n]`` uint8: the bytes of every logical expert's slot."""
-    out = []
-    for layer in range(num_layers):
-        gen = torch.Generator().manual_seed(1000 + layer)
-        named = {}
-        for name, (dtype, shape) in tensors.items():
-            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            named[name] = torch.randint(0, 256, (num_experts, nbytes), generator=gen, dtype=torch.uint8)
-        out.append(named)
-    return out
-
-
-def local_bytes(canon: list[dict[str, torch.Tensor]], placement: Placement, rank: int) -> list[dict]:
-    """Per layer and tensor, ``[S, n]`` uint8: what ``rank``'s slots must hold under ``placement``."""
-    held = placement.local_experts(rank)
-    return [{name: table[held[layer]] for name, table in named.items()} for layer, named in enumerate(canon)]
-
-
-def make_weights(
-    canon: list[dict[str, torch.Tensor]], placement: Placement, rank: int, tensors: dict = TENSORS
-) -> tuple[ExpertWeights, list[dict[str, torch.Tensor]]]:
-    """This rank's engine tensors (real dtypes and shapes) loaded for ``placement``, registered."""
-    layers = []
-    for named in local_bytes(canon, placement, rank):
-        layers.append({
-            name: rows.clone().view(tensors[name][0]).view(rows.shape[0], *tensors[name][1])
-            for name, rows in named.items()
-        })
-    return ExpertWeights(layers), layers
-
-
-def corrupted_slots(weights: ExpertWeights, canon: list[dict], placement: Placement, rank: int) -> int:
-    """Slots of ``rank`` (over layers and tensors) whose bytes differ from their expert's."""
-    want = local_bytes(canon, placement, rank)
-    bad = 0
-    for layer in range(weights.num_layers):
-        for rows, expected in zip(weights.byte_rows(layer), want[layer].values(), strict=True):
-            bad += int((rows != expected).any(1).sum())
-    return bad
-
-
-def random_placement(
-    gen: torch.Generator, num_layers: int, num_experts: int, num_slots: int, num_gpus: int, num_nodes: int = 1
-) -> Placement:
-    """Every expert once, the spare slots random experts, all shuffled (a valid placement)."""
-    rows = []
-    for _ in range(num_layers):
-        row = torch.cat([torch.randperm(num_experts, generator=gen),
-                         torch.randint(0, num_experts, (num_slots - num_experts,), generator=gen)])
-        rows.append(row[torch.randperm(num_slots, generator=gen)])
-    return Placement(torch.stack(rows), num_experts, num_gpus, num_nodes)
 
 
 def free_port() -> int:

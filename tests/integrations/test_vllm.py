@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import eplb
+from eplb.cli import run
 from eplb.integrations import vllm
 from eplb.integrations.vllm import EplbPolicy, LegacyEplbPolicy, PolicyInputError, install
 from eplb.io.placements import read_placement, write_placement
@@ -125,3 +128,28 @@ def test_plugin_installs_only_when_asked(monkeypatch):
     monkeypatch.setenv(vllm.MAX_MOVES_ENV, "3")
     vllm.plugin()
     assert calls == [("eplb", 3, None)]
+
+
+def test_vllm_format_replaces_the_map_vllm_builds(tmp_path):
+    eplb_state = pytest.importorskip("vllm.distributed.eplb.eplb_state",
+                                     reason="vLLM is not importable: run scripts/interop.py")
+    policies = pytest.importorskip("vllm.distributed.eplb.policy")
+    # Statistics with a row per model layer, the first two dense (as SGLang records DeepSeek-V3's).
+    load = torch.cat([torch.zeros(2, 12, dtype=torch.float64), WEIGHT.double()])
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"logical_count": load.tolist()}))
+    target = tmp_path / "v.json"
+    argv = ["plan", str(stats), "--gpus", "8", "--slots", "16", "--no-layers", "-o", str(target), "-f", "vllm"]
+    assert run(argv) == 0
+    written = read_placement(target).phy2log
+    # vLLM's own start: one linear row per MoE layer (EplbState.add_model).
+    start = torch.tensor(eplb_state.EplbState.build_initial_global_physical_to_logical_map(12, 4)).expand(2, -1)
+    assert written.shape == start.shape
+    before = policies.EPLB_POLICIES["default"]
+    try:
+        install("eplb", initial=target)
+        # vLLM's first rearrangement: its load window and map have one row per MoE layer.
+        first = policies.EPLB_POLICIES["default"].rebalance_experts(WEIGHT, 16, 4, 1, 8, start)
+        assert torch.equal(first, written)
+    finally:
+        policies.EPLB_POLICIES["default"] = before

@@ -101,7 +101,7 @@ class EplbPolicy:
             if initial.shape != (weight.shape[0], num_replicas):
                 raise PolicyInputError(
                     f"the initial placement is {tuple(initial.shape)} but vLLM has {weight.shape[0]} MoE layers and "
-                    f"{num_replicas} slots; write it from statistics of this model's MoE layers with this slot count"
+                    f"{num_replicas} slots; write it with `eplb plan ... -f vllm --slots {num_replicas}` (MoE rows)"
                 )
             return initial.clone()
         if cls.algorithm == "deepseek":
@@ -176,8 +176,9 @@ def install(algorithm: str = "deepseek", max_moves: int | None = None,
     Args:
         algorithm: an eplb algorithm name (``eplb.planning.names()``) or ``"auto"``.
         max_moves: the most slots per layer whose expert may change at one rearrangement, or None.
-        initial: a placement file (any eplb format; a vllm file records its EP size) with one row per
-            MoE layer, to reach at vLLM's first rearrangement.
+        initial: a placement file with one row per MoE layer (``eplb plan -f vllm`` writes those and
+            records its EP size; ``eplb check FILE --engine vllm`` checks it), reached at vLLM's
+            first rearrangement.
 
     Returns:
         The policy class installed.

@@ -23,7 +23,8 @@ committed), through the hooks the fault tests patch (``transfer.stage``; ``StepS
   committed layers, old rows from the faulty layer on) with every slot exact, and stop there.
 - ``--delay-rank R --delay-s S``: rank R sleeps S seconds there. With S above ``--migration-timeout-s``
   the step aborts on every rank (the same error, old rows serving, every slot exact); the retry from
-  ``error.serving`` must succeed and the run goes on. With S below it the migration just completes late.
+  ``error.serving`` (with ``--timeout-s`` as its timeout, so the late rank catches up) must succeed and the
+  run goes on. With S below it the migration just completes late.
 
 Every wait is bounded: the migration's store waits by ``--migration-timeout-s``, the process group by
 ``--timeout-s``, the whole run by ``--deadline-s``.
@@ -32,6 +33,7 @@ Every wait is bounded: the migration's store waits by ``--migration-timeout-s``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -152,7 +154,8 @@ def main() -> None:
             if args.kill_rank is not None:
                 dead = (args.kill_rank,)
                 break
-            report = migrate(weights, error.serving, new, config=config)  # the retry goes on where it stopped
+            # The retry goes on where it stopped; its timeout lets the late rank catch up.
+            report = migrate(weights, error.serving, new, config=dataclasses.replace(config, timeout_s=args.timeout_s))
             row["fault"]["retry_ok"] = bool(report.serving == new)
         else:
             if i == args.at and (args.kill_rank is not None or args.delay_rank is not None):

@@ -4,9 +4,10 @@ same ranks; and what an async rebalance in flight costs a serving step.
     torchrun --nproc-per-node 4 -m benchmarks.multi_gpu.bandwidth --out $OUT/bandwidth.json
     torchrun --nproc-per-node 2 -m benchmarks.multi_gpu.bandwidth --small --out /tmp/b.json    # CPU, gloo
 
-The weights: ``--layers`` MoE layers (DeepSeek-V3 has 58; default: as many as ``--memory-gb`` per rank
-holds, at most 58) of 256 experts on 288 slots over the ranks, each slot fp8 e4m3 ``w13 [4096, 7168]`` and
-``w2 [7168, 2048]`` with float32 128x128 block scales (44 MB), random bytes. The rebalance: an ``eplb``
+The weights: ``--layers`` MoE layers (DeepSeek-V3 has 58; default: as many as fit ``--memory-gb`` 100 per
+rank with the run's other buffers, at most 58: 2 at 1 GPU, 10 at 2, 26 at 4, 58 at 8) of 256 experts on
+288 slots over the ranks, each slot fp8 e4m3 ``w13 [4096, 7168]`` and ``w2 [7168, 2048]`` with float32
+128x128 block scales (44 MB), random bytes. The rebalance: an ``eplb``
 placement planned on ``--loads`` (default: the bundled DeepSeek-V3 MMLU counts), re-planned with
 ``current=`` on the new workload ``--to`` (default: each layer takes the next layer's counts, a shift with
 the real skew), ``--max-moves`` per layer (default: no bound).
@@ -57,7 +58,7 @@ MODEL_LAYERS = 58
 def parse():
     p = parser(__doc__)
     p.add_argument("--layers", type=int, default=None, help="MoE layers moved (default: what --memory-gb holds)")
-    p.add_argument("--memory-gb", type=float, default=60.0, help="per-rank budget for the moved weights")
+    p.add_argument("--memory-gb", type=float, default=100.0, help="per-rank device memory the default --layers fits")
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--slots", type=int, default=None, help="default: experts * 9 / 8 (288 for 256)")
     p.add_argument("--nodes", type=int, default=1, help="nodes the placement declares")
@@ -105,9 +106,10 @@ def pair_bytes(old: Placement, new: Placement, rank: int, bytes_per_slot: int, m
     return out
 
 
-def plain_bound(messages: list[list], group: Group, moved_bytes: int) -> dict:
-    """Seconds to send every layer's pair volumes with plain P2P (second of two runs), and one device copy of
-    ``moved_bytes``."""
+def plain_bound(messages: list[list], filled: list[int], group: Group) -> dict:
+    """Seconds to send every layer's pair volumes with plain P2P (the second of two runs), and to copy each
+    layer's ``filled`` bytes of this rank once on the device; layer by layer, summed, so buffers stay one
+    layer's size."""
     most = max([sum(n for _, n, _ in layer) for layer in messages] + [1])
     buffer = torch.empty(most, dtype=torch.uint8, device=group.device)
     seconds = 0.0
@@ -125,13 +127,17 @@ def plain_bound(messages: list[list], group: Group, moved_bytes: int) -> dict:
                 work.wait()
             group.sync()
             seconds += time.perf_counter() - start
-    src = torch.empty(max(moved_bytes, 1), dtype=torch.uint8, device=group.device)
+    del buffer
+    src = torch.empty(max(filled + [1]), dtype=torch.uint8, device=group.device)
     dst = torch.empty_like(src)
-    group.sync()
-    start = time.perf_counter()
-    dst.copy_(src)
-    group.sync()
-    return {"plain_p2p_s": max(gathered_max([seconds], group)), "plain_copy_s": time.perf_counter() - start}
+    copy = 0.0
+    for nbytes in filled:
+        group.sync()
+        start = time.perf_counter()
+        dst[:nbytes].copy_(src[:nbytes])
+        group.sync()
+        copy += time.perf_counter() - start
+    return {"plain_p2p_s": max(gathered_max([seconds], group)), "plain_copy_s": copy}
 
 
 def sync_runs(args, group: Group, weights: ExpertWeights, old: Placement, new: Placement) -> tuple[list, Placement]:
@@ -150,14 +156,14 @@ def sync_runs(args, group: Group, weights: ExpertWeights, old: Placement, new: P
         mine = time.perf_counter() - start
         slowest = max(gathered_max([mine], group))
         received = sum(n for layer in sent for is_send, n, _ in layer if not is_send)
-        filled = sum(len(plan_layer(serving, target, layer).rank_fills(group.rank))
-                     for layer in range(old.num_layers)) * per_slot
+        filled = [len(plan_layer(serving, target, layer).rank_fills(group.rank)) * per_slot
+                  for layer in range(old.num_layers)]
         runs.append({
             "repeat": repeat, "direction": "old->new" if target is new else "new->old", "seconds": mine,
-            "slowest_rank_s": slowest, "received_bytes": received, "filled_bytes_here": filled,
+            "slowest_rank_s": slowest, "received_bytes": received, "filled_bytes_here": sum(filled),
             "recv_GBps_per_gpu": received / slowest / 1e9, "moves": report.moves,
             "bytes_intra_node": report.bytes_intra_node, "bytes_inter_node": report.bytes_inter_node,
-            "phases_s": report.seconds, **plain_bound(sent, group, filled),
+            "phases_s": report.seconds, **plain_bound(sent, filled, group),
         })
         serving = target
     return runs, serving
@@ -242,11 +248,17 @@ def main() -> None:
         1, args.hidden, args.intermediate, True, torch.device("meta")).values())
     spr = (args.slots or default_slots(args.experts, group.world)) // group.world
     if args.layers is None:
-        args.layers = max(1, min(MODEL_LAYERS, int(args.memory_gb * 1e9 // (spr * per_slot))))
+        # Besides the moved layers: the served stand-in (bf16, twice an fp8 slot), a layer's staging and the
+        # bound's two copy buffers of a layer.
+        layer_bytes = spr * per_slot
+        fits = int((args.memory_gb * 1e9 - 2 * layer_bytes) // layer_bytes) - 3
+        args.layers = max(1, min(MODEL_LAYERS, fits))
     old, new = placements(args, group)
     weights = ExpertWeights([expert_tensors(spr, args.hidden, args.intermediate, True, group.device)
                              for _ in range(args.layers)])
     sync, serving = sync_runs(args, group, weights, old, new)
+    if group.device.type == "cuda":
+        torch.cuda.empty_cache()  # the sync part's staging and bound buffers, before the served stand-in
     other = new if serving is old else old
     row = {"rank": group.rank, "layers": args.layers, "bytes_per_slot": weights.bytes_per_slot(0), "sync": sync,
            "async": async_runs(args, group, weights, serving, other)}

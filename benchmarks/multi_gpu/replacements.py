@@ -194,7 +194,7 @@ def summarize(rows: list[dict]) -> dict:
             "old_placement_serving": all(f["serving_is_old_from_fault_layer"] for f in errors),
             "corrupted_after_error": sum(f["corrupted_after_error"] for f in errors),
             "max_seconds_to_error": max((f["seconds_to_error"] for f in errors), default=None),
-            "retry_ok": all(f.get("retry_ok", True) for f in errors),
+            "retry_ok": all(f["retry_ok"] for f in errors) if any("retry_ok" in f for f in errors) else None,
             "completed_late_in_s": max((f["completed_in_s"] for f in faults if "completed_in_s" in f), default=None),
         }
     return out

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import socket
 import sys
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from tests.runtime.migration.harness import free_port
 
 WORLD = 2
 TIMEOUT_S, DELAY_S = 1.0, 2.5
@@ -30,6 +29,18 @@ RUNS = {
     "kill": ("replacements", ["--migrations", "12", "--at", "5", "--kill-rank", "1",
                               "--migration-timeout-s", str(TIMEOUT_S)]),
 }
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all bound at once, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _torchrun_like(rank: int, runs: list[tuple[str, list[str], int]]) -> None:
@@ -50,8 +61,8 @@ def _torchrun_like(rank: int, runs: list[tuple[str, list[str], int]]) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("multi_gpu")
     runs = [(f"benchmarks.multi_gpu.{script}", ["--small", "--deadline-s", "120", "--out", str(out / f"{name}.json"),
-                                                 *extra], free_port())
-            for name, (script, extra) in RUNS.items()]
+                                                 *extra], port)
+            for (name, (script, extra)), port in zip(RUNS.items(), free_ports(len(RUNS)), strict=True)]
     start = time.perf_counter()
     mp.spawn(_torchrun_like, args=(runs,), nprocs=WORLD, join=True)
     print(f"\nthe {len(runs)} runs on {WORLD} gloo ranks took {time.perf_counter() - start:.1f} s", end="")
@@ -85,6 +96,7 @@ def test_a_killed_rank_leaves_the_survivor_serving_the_old_placement(results: di
     assert summary["migrations"] == 5 and summary["corrupted_slots"] == 0
     fault = summary["fault"]
     assert fault["errors_on_ranks"] == 1 and fault["old_placement_serving"] and fault["corrupted_after_error"] == 0
+    assert fault["retry_ok"] is None  # the survivor stops: its peer is gone
     assert "rank 1 did not reach round" in fault["message"]
     assert fault["max_seconds_to_error"] < TIMEOUT_S + 5  # bounded by the migration timeout: no hang
 

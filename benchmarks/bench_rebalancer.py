@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -27,7 +26,7 @@ from eplb import ExpertLoadRecorder
 from eplb.runtime.migration import ExpertWeights, MigrationConfig
 from eplb.runtime.moe import EPMoE, EPMoEConfig, local_slot_weights
 from eplb.runtime.rebalancer import Rebalancer, RebalancerConfig
-from timing import meta, write_json
+from timing import meta, step_overhead, timed_steps, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -94,22 +93,22 @@ def main() -> None:
     def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], int]:
         """Per step: (seconds, whether a migration was in flight); and the slots moved."""
         layers, recorder, rb = build(with_rebalancer, mode)
-        out = []
-        for step in range(args.steps):
+
+        def order(step: int) -> None:
             if rb is not None and step == args.steps // 2:
                 rb.move_to(target)
-            _sync(device)
-            t0 = time.perf_counter()
+
+        def step(_: int) -> bool:
             for layer in layers:
                 layer(x)
             recorder.step()
-            busy = False
-            if rb is not None:
-                busy = rb.migrating
-                rb.step()
-                busy = busy or rb.migrating
-            _sync(device)
-            out.append((time.perf_counter() - t0, busy))
+            if rb is None:
+                return False
+            busy = rb.migrating
+            rb.step()
+            return busy or rb.migrating
+
+        out = timed_steps(step, args.steps, lambda: _sync(device), before=order)
         if rb is None:
             return out, 0
         rb.close()
@@ -119,19 +118,8 @@ def main() -> None:
     for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
         base, _ = run(False)
         with_rb, moves = run(True)
-        base_ms = statistics.median(t for t, _ in base[2:]) * 1e3
-        busy = [t for t, b in with_rb[2:] if b]
-        idle = [t for t, b in with_rb[2:] if not b]
-        row = {"round": round_, "step_ms_without_rebalancer": base_ms,
-               "step_ms_idle_rebalancer": statistics.median(idle) * 1e3 if idle else None,
-               "step_ms_migrating": statistics.median(busy) * 1e3 if busy else None,
-               "worst_step_ms_migrating": max(busy) * 1e3 if busy else None,
-               "migrating_steps": len(busy), "slots_moved": moves, "bytes_per_expert": expert_bytes}
-        if busy:
-            row["overhead_median"] = row["step_ms_migrating"] / base_ms - 1
-            row["overhead_worst"] = row["worst_step_ms_migrating"] / base_ms - 1
-            if idle:
-                row["overhead_vs_idle_steps"] = row["step_ms_migrating"] / row["step_ms_idle_rebalancer"] - 1
+        row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]), "slots_moved": moves,
+               "bytes_per_expert": expert_bytes}
         print(row, flush=True)
         rows.append(row)
 

@@ -95,19 +95,24 @@ def write_json(path: str | None, meta_: dict[str, Any], rows: list[dict[str, Any
             json.dump({"meta": meta_, "rows": rows}, f, indent=1)
 
 
-def timed_steps(step: Callable[[int], bool], steps: int, sync: Callable[[], None]) -> list[tuple[float, bool]]:
+def timed_steps(
+    step: Callable[[int], bool], steps: int, sync: Callable[[], None], before: Callable[[int], None] | None = None
+) -> list[tuple[float, bool]]:
     """Run ``step(i)`` for ``i < steps``, each timed from one ``sync()`` (a device sync) to the next.
 
     Args:
         step: one serving step; returns whether a migration was in flight during it.
         steps: how many.
         sync: waits for the device (a no-op on the CPU).
+        before: ``before(i)`` runs untimed ahead of step ``i`` (e.g. ordering a rebalance).
 
     Returns:
         Per step ``(seconds, migrating)``.
     """
     out = []
     for i in range(steps):
+        if before is not None:
+            before(i)
         sync()
         start = time.perf_counter()
         busy = step(i)

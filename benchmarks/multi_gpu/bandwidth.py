@@ -188,9 +188,11 @@ def async_runs(args, group: Group, weights: ExpertWeights, serving: Placement, o
     steps = 4 + moving // args.layers_per_step + 6  # warm-up, the rebalance, then idle steps
 
     def run(rebalancer: Rebalancer | None, target: Placement | None) -> list[tuple[float, bool]]:
-        def step(i: int) -> bool:
+        def order(i: int) -> None:
             if rebalancer is not None and i == 4:
                 rebalancer.move_to(target)
+
+        def step(i: int) -> bool:
             for layer in layers:
                 layer(x)
             if rebalancer is None:
@@ -200,7 +202,7 @@ def async_runs(args, group: Group, weights: ExpertWeights, serving: Placement, o
             rebalancer.step()
             return busy or rebalancer.migrating
 
-        timed = timed_steps(step, steps, group.sync)
+        timed = timed_steps(step, steps, group.sync, before=order)
         slowest = gathered_max([t for t, _ in timed], group)
         return [(t, busy) for t, (_, busy) in zip(slowest, timed, strict=True)]
 

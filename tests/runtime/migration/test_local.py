@@ -8,15 +8,7 @@ import torch
 from eplb import EplbError, Placement
 from eplb.runtime.migration import ExpertWeights, MigrationConfig, checksum, migrate, transfer
 from eplb.runtime.migration import checksums as checksum_module
-from tests.runtime.migration.harness import canonical, corrupted_slots, make_weights, random_placement
-
-FP8 = {
-    "w13": (torch.float8_e4m3fn, (4, 8)),
-    "w13_scale": (torch.float32, (1, 2)),
-    "w2": (torch.bfloat16, (8, 2)),
-    "odd": (torch.int8, (3,)),  # 3 bytes: the checksum pads the last word
-}
-
+from tests.runtime.migration.harness import FP8, canonical, corrupted_slots, make_weights, random_placement
 
 # Registration -------------------------------------------------------------------------------
 

@@ -161,7 +161,8 @@ def sync_runs(args, group: Group, weights: ExpertWeights, old: Placement, new: P
         runs.append({
             "repeat": repeat, "direction": "old->new" if target is new else "new->old", "seconds": mine,
             "slowest_rank_s": slowest, "received_bytes": received, "filled_bytes_here": sum(filled),
-            "recv_GBps_per_gpu": received / slowest / 1e9, "moves": report.moves,
+            "recv_GBps_per_gpu": received / slowest / 1e9, "fill_GBps_per_gpu": sum(filled) / slowest / 1e9,
+            "moves": report.moves,
             "bytes_intra_node": report.bytes_intra_node, "bytes_inter_node": report.bytes_inter_node,
             "phases_s": report.seconds, **plain_bound(sent, filled, group),
         })
@@ -230,14 +231,18 @@ def summarize(rows: list[dict]) -> dict:
     for index, first in enumerate(rows[0]["sync"]):
         per_rank = [r["sync"][index] for r in rows]
         seconds = first["slowest_rank_s"]
+        remote = any(r["received_bytes"] for r in per_rank)  # none at one GPU: every move is a local copy
         sync.append({
             "direction": first["direction"], "seconds": seconds, "moves": first["moves"],
             "bytes_intra_node": first["bytes_intra_node"], "bytes_inter_node": first["bytes_inter_node"],
             "recv_GBps_per_gpu_mean": sum(r["recv_GBps_per_gpu"] for r in per_rank) / len(per_rank),
             "recv_GBps_per_gpu_min": min(r["recv_GBps_per_gpu"] for r in per_rank),
-            "plain_p2p_s": first["plain_p2p_s"],
-            "ratio_to_plain_p2p": seconds / first["plain_p2p_s"] if first["plain_p2p_s"] > 0 else None,
+            "plain_p2p_s": first["plain_p2p_s"] if remote else None,
+            "ratio_to_plain_p2p": seconds / first["plain_p2p_s"] if remote else None,
             "plain_copy_s_max": max(r["plain_copy_s"] for r in per_rank),
+            # Every slot filled, local copies included, over the slowest rank's time: the one rate at one GPU.
+            "fill_GBps_per_gpu_mean": sum(r["fill_GBps_per_gpu"] for r in per_rank) / len(per_rank),
+            "ratio_to_plain_copy": seconds / max(max(r["plain_copy_s"] for r in per_rank), 1e-9),
         })
     return {"layers": rows[0]["layers"], "bytes_per_slot": rows[0]["bytes_per_slot"], "sync": sync,
             "async": rows[0]["async"]}

@@ -124,6 +124,10 @@ def main() -> None:
     args = parse()
     group = join(args)
     rank, world = group.rank, group.world
+    for what, r in (("--kill-rank", args.kill_rank), ("--delay-rank", args.delay_rank)):
+        if r is not None and not (world > 1 and 0 <= r < world):
+            raise SystemExit(f"{what} {r}: a fault needs a rank in [0, {world}) and a peer to see it; "
+                             "run 2 ranks or more")
     spr = args.slots_per_rank or -(-args.experts * 9 // 8 // world)
     slots = spr * world
     spec = {n: (t.dtype, tuple(t.shape[1:]))

@@ -97,12 +97,13 @@ def placements(args, group: Group) -> tuple[Placement, Placement]:
 
 
 def pair_bytes(old: Placement, new: Placement, rank: int, bytes_per_slot: int, max_peers: int) -> list[list]:
-    """Per layer, this rank's messages as ``(is_send, nbytes, peer)`` (the plan's, rounds merged)."""
+    """Per layer, this rank's messages as ``(is_send, nbytes, peer, tag)`` (the plan's, rounds merged; the tag
+    is the message's index in the layer's plan, the same at both ends)."""
     out = []
     for layer in range(old.num_layers):
         t = plan_layer(old, new, layer, max_peers=max_peers)
-        out.append([(m.src == rank, len(m.experts) * bytes_per_slot, m.dst if m.src == rank else m.src)
-                    for m in t.messages if rank in (m.src, m.dst)])
+        out.append([(m.src == rank, len(m.experts) * bytes_per_slot, m.dst if m.src == rank else m.src, tag)
+                    for tag, m in enumerate(t.messages) if rank in (m.src, m.dst)])
     return out
 
 
@@ -110,14 +111,14 @@ def plain_bound(messages: list[list], filled: list[int], group: Group) -> dict:
     """Seconds to send every layer's pair volumes with plain P2P (the second of two runs), and to copy each
     layer's ``filled`` bytes of this rank once on the device; layer by layer, summed, so buffers stay one
     layer's size."""
-    most = max([sum(n for _, n, _ in layer) for layer in messages] + [1])
+    most = max([sum(n for _, n, _, _ in layer) for layer in messages] + [1])
     buffer = torch.empty(most, dtype=torch.uint8, device=group.device)
     seconds = 0.0
     for _ in range(2):
         seconds = 0.0
         for layer in messages:
             ops, at = [], 0
-            for tag, (is_send, nbytes, peer) in enumerate(layer):
+            for is_send, nbytes, peer, tag in layer:
                 ops.append((is_send, buffer[at : at + nbytes], peer, tag))
                 at += nbytes
             group.sync()
@@ -155,7 +156,7 @@ def sync_runs(args, group: Group, weights: ExpertWeights, old: Placement, new: P
         group.sync()
         mine = time.perf_counter() - start
         slowest = max(gathered_max([mine], group))
-        received = sum(n for layer in sent for is_send, n, _ in layer if not is_send)
+        received = sum(n for layer in sent for is_send, n, _, _ in layer if not is_send)
         filled = [len(plan_layer(serving, target, layer).rank_fills(group.rank)) * per_slot
                   for layer in range(old.num_layers)]
         runs.append({

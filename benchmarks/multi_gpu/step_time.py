@@ -92,10 +92,15 @@ class Inputs:
         for layer in range(load.shape[0]):
             pool = []
             for _ in range(args.pool):
-                ids = torch.multinomial(probs[layer].expand(args.tokens, -1), TOP_K, generator=gen)
+                ids = torch.multinomial(probs[layer].repeat(args.tokens, 1), TOP_K, generator=gen)
                 x = 0.1 * torch.randn(args.tokens, args.hidden, device=group.device, generator=gen)
                 x.scatter_add_(1, ids, torch.full(ids.shape, LIFT, device=group.device))
-                pool.append(x.to(torch.bfloat16))
+                x = x.to(torch.bfloat16)
+                # The identity gate's logits are x's first E coordinates: their top-k must be the draw.
+                picked = x[:, : probs.shape[1]].float().topk(TOP_K).indices.sort(1).values
+                if not torch.equal(picked, ids.sort(1).values):
+                    raise SystemExit("the routing input does not pick the drawn experts; report this")
+                pool.append(x)
             self.batches.append(pool)
 
     def __call__(self, layer: int, step: int) -> torch.Tensor:
@@ -124,14 +129,11 @@ class Model:
                       waterfill_config=wf, **kwargs) for layer in range(args.layers)]
 
 
-def rows_computed(layers: list[EPMoE], tokens: int) -> int:
-    """Expert rows this rank computed in the last step: routed entries, plus the shared expert's rows
-    (its own tokens without waterfill, the rows sent to its shared slot with it)."""
-    total = 0
-    for layer in layers:
-        counts = layer.last_slot_tokens
-        total += int(counts.sum()) + (0 if layer.balancer is not None else tokens)
-    return total
+def rows_computed(layers: list[EPMoE], tokens: int) -> torch.Tensor:
+    """Expert rows this rank computed in the last step (a device scalar, no host sync): routed entries, plus
+    the shared expert's rows (its own tokens without waterfill, the rows sent to its shared slot with it)."""
+    local = sum(tokens for layer in layers if layer.balancer is None)
+    return sum(layer.last_slot_tokens.sum() for layer in layers) + local
 
 
 def serve(layers: list[EPMoE], inputs: Callable[[int, int], torch.Tensor], steps: int, group: Group, tokens: int,

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from eplb.cluster import require_choice, require_count
 from eplb.errors import EplbError
 from eplb.placement import Placement, check_same_shape
-from eplb.planning.online import Decision, OnlineConfig, decide, predicted_max_over_mean
+from eplb.planning.online import Decision, OnlineConfig, current_workload, decide, predicted_max_over_mean
 from eplb.runtime.migration import ExpertWeights, MigrationConfig, MigrationError, MigrationReport, Session, Step
 from eplb.runtime.migration import migrate as migrate_all
 from eplb.runtime.migration.plan import plan_parts
@@ -187,7 +187,7 @@ class Rebalancer:
         if self.migrating or self._plan is not None:
             raise EplbError("a rebalance is under way; call move_to once `migrating` is False")
         check_same_shape(self.serving, placement)
-        recent = self.history[-self.config.policy.window :]
+        recent = current_workload(self.history, self.config.policy) if self.history.shape[0] else self.history
         score = predicted_max_over_mean if recent.shape[0] else (lambda *_: float("nan"))
         moves = (placement.phy2log != self.serving.phy2log).sum(1)
         self._act(Decision(placement=placement, act=bool(moves.any()), before=score(self.serving, recent),
@@ -272,7 +272,7 @@ class Rebalancer:
                 self._failed(exc)
             self._finish_rebalance()
             return
-        layers = [int(layer) for layer in torch.nonzero(decision.moves).flatten()]
+        layers = [int(layer) for layer in decision.order]  # the largest predicted gain lands first
         self._session = Session.open(self._migration_group, None, self.serving.num_gpus)
         for layer in layers:
             row_bytes = self.weights.layout(layer).row_bytes

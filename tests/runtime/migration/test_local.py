@@ -116,7 +116,7 @@ def test_local_migrations_are_bit_exact_for_fp8_nan_patterns_and_keep_addresses(
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_warm_up_runs_the_staging_path_and_writes_nothing_registered(monkeypatch, verify) -> None:
+def test_warm_up_runs_the_migration_kernels_and_keeps_every_byte(monkeypatch, verify) -> None:
     canon = canonical(2, 6, FP8)
     current = random_placement(torch.Generator().manual_seed(2), 2, 6, 9, 1)
     weights, _ = make_weights(canon, current, 0, FP8)

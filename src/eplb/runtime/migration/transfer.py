@@ -231,26 +231,28 @@ def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[An
 
 
 def warm_up(weights: ExpertWeights, rows: int, verify: bool, backend: str = "auto", stream: Any = None) -> None:
-    """Run the staging path once on every layer's slot 0 (pack into a staging row, checksum it) and leave
-    ``rows`` staging rows of the widest layer in the allocator's cache for ``stream``, so that the first
-    rebalance does not pay for kernel compilation and device allocations inside a serving step. Writes
-    nothing registered.
+    """Run a migration's kernels once per layer, on slot 0 (pack it into a staging row, checksum that, commit
+    it back onto itself: the same bytes), and leave ``rows`` staging rows of the widest layer in the
+    allocator's cache for ``stream``, so that the first rebalance does not pay for kernel compilation and
+    device allocations inside a serving step. Every registered byte keeps its value.
 
     Args:
         weights: this rank's registered weights.
         rows: staging rows to reserve (the most a rebalance holds staged at once).
         verify: exercise the checksums as well (as ``stage`` and ``verify`` will).
+        backend: the kernels' backend (``eplb.runtime.backend``).
         stream: the CUDA stream staging runs on, or None.
     """
     widest = max(range(weights.num_layers), key=lambda layer: weights.layout(layer).row_bytes)
-    with _stream_context(stream):
+    with _stream_context(stream), torch.no_grad():
         for layer in range(weights.num_layers):
-            layout = weights.layout(layer)
+            layout, slot_rows = weights.layout(layer), weights.byte_rows(layer)
             row = torch.empty(1, layout.row_bytes, dtype=torch.uint8, device=weights.device)
-            _pack(row, weights.byte_rows(layer), layout, [0], verify, backend)
-            if verify:
-                for seg in layout.segments:
+            _pack(row, slot_rows, layout, [0], verify, backend)
+            for seg, dst in zip(layout.segments, slot_rows, strict=True):
+                if verify:
                     checksum(row[:, seg.offset : seg.offset + seg.nbytes], backend)
+                copy_rows(dst, [0], row[:, seg.offset : seg.offset + seg.nbytes], [0], backend=backend)
         torch.empty(rows, weights.layout(widest).row_bytes, dtype=torch.uint8, device=weights.device)
     if stream is not None:
         stream.synchronize()

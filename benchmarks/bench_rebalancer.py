@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -90,9 +91,11 @@ def main() -> None:
                 on_commit=lambda layer, placement: layers[layer].set_placement(placement))
         return layers, recorder, rb
 
-    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], int]:
-        """Per step: (seconds, whether a migration was in flight); and the slots moved."""
+    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], int, list[float]]:
+        """Per step: (seconds, whether a migration was in flight); the slots moved; and the host seconds of
+        ``rb.step()`` in the migrating steps (what it adds on the CPU, before the device sync)."""
         layers, recorder, rb = build(with_rebalancer, mode)
+        host: list[float] = []
 
         def order(step: int) -> None:
             if rb is not None and step == args.steps // 2:
@@ -105,21 +108,25 @@ def main() -> None:
             if rb is None:
                 return False
             busy = rb.migrating
+            clock = time.perf_counter()
             rb.step()
+            if busy or rb.migrating:
+                host.append(time.perf_counter() - clock)
             return busy or rb.migrating
 
         out = timed_steps(step, args.steps, lambda: _sync(device), before=order)
         if rb is None:
-            return out, 0
+            return out, 0, host
         rb.close()
-        return out, sum(r.report.moves for r in rb.rebalances)
+        return out, sum(r.report.moves for r in rb.rebalances), host
 
     rows = []
     for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
-        base, _ = run(False)
-        with_rb, moves = run(True)
+        base, _, _ = run(False)
+        with_rb, moves, host = run(True)
         row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]), "slots_moved": moves,
-               "bytes_per_expert": expert_bytes}
+               "bytes_per_expert": expert_bytes,
+               "rebalancer_step_host_ms": statistics.median(host) * 1e3 if host else None}
         print(row, flush=True)
         rows.append(row)
 

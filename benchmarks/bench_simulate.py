@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import eplb
+import eplb.planning.online as online_module
 from eplb.io.loads import read_load
 from eplb.planning.online import OnlineConfig
 from eplb.simulation import CostModel, Online, Oracle, Periodic, StepOracle, build, replay, simulate
@@ -133,17 +134,41 @@ def dispatch_table(scenario, out_dir: Path, cost: CostModel) -> list[dict]:
     return out
 
 
-def speed(data: Path) -> dict:
-    """10,000 steps of DeepSeek-V3 shape with the eplb policy, balance only and with the time model."""
+def speed(data: Path, steps: int = 10_000) -> dict:
+    """``steps`` steps of DeepSeek-V3 shape with the eplb policy, balance only and with the time model, and
+    where the time goes: sampling, the policy (of which the planner: ``eplb.plan`` inside ``decide``; the rest
+    is the policy's shift detector and its scoring of the serving placement) and scoring."""
     phases = dsv3_phases(data)
-    scenario = build(phases, steps_per_phase=[834] * 11 + [826], tokens_per_step=16384, top_k=8, seed=7)
+    per_phase = steps // len(phases)
+    lengths = [per_phase] * (len(phases) - 1) + [steps - per_phase * (len(phases) - 1)]
+    scenario = build(phases, steps_per_phase=lengths, tokens_per_step=16384, top_k=8, seed=7)
+    planner = {"calls": 0, "s": 0.0}
+    plan = online_module.plan
+
+    def timed_plan(*args, **kwargs):
+        tick = time.perf_counter()
+        try:
+            return plan(*args, **kwargs)
+        finally:
+            planner["calls"] += 1
+            planner["s"] += time.perf_counter() - tick
+
     out = {}
-    for label, cost in (("balance", None), ("time model", CostModel())):
-        start = time.perf_counter()
-        res = simulate(scenario, [Online()], **DSV3, cost=cost)
-        wall = time.perf_counter() - start
-        out[label] = {"wall_s": wall, **res.timing, **res.summary()[0]}
-        print(f"10,000 steps, {label}: {wall:.1f} s ({res.timing}); {res.summary()[0]}", flush=True)
+    online_module.plan = timed_plan
+    try:
+        for label, cost in (("balance", None), ("time model", CostModel())):
+            planner.update(calls=0, s=0.0)
+            start = time.perf_counter()
+            res = simulate(scenario, [Online()], **DSV3, cost=cost)
+            wall = time.perf_counter() - start
+            out[label] = {"wall_s": wall, **res.timing, "planner_calls": planner["calls"], "planner_s": planner["s"],
+                          **res.summary()[0]}
+            t = res.timing
+            print(f"{steps:,} steps, {label}: {wall:.1f} s: sampling {t['sample_s']:.1f} s, "
+                  f"policy {t['policy_s']:.1f} s (planner {planner['s']:.1f} s in {planner['calls']} calls), "
+                  f"scoring {t['evaluate_s']:.1f} s; {res.summary()[0]}", flush=True)
+    finally:
+        online_module.plan = plan
     return out
 
 
@@ -152,6 +177,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/eplb_real_data"))
     parser.add_argument("--out-dir", type=Path, default=Path("build/simulate"))
     parser.add_argument("--only", help="comma-separated parts: dsv3,dsv3-4k,dsv3-gradual,olmoe,smartmoe,dispatch,speed")
+    parser.add_argument("--speed-steps", type=int, default=10_000, help="steps of the speed run (fewer: a quick look)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +213,7 @@ def main() -> None:
         sc = build(phases, steps_per_phase=60, tokens_per_step=16384, top_k=8, seed=0)
         summary["dispatch"] = dispatch_table(sc, args.out_dir, cost)
     if want("speed"):
-        summary["speed"] = speed(args.data)
+        summary["speed"] = speed(args.data, args.speed_steps)
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -207,6 +208,18 @@ def test_align_matches_empty_slots_and_duplicates():
     target = torch.tensor([[1, -1, 2, 0, 3, 0]])
     out = align(current, target, num_gpus=2)
     assert out.tolist() == [[0, 0, 3, 1, 2, -1]]
+
+
+def test_align_keeps_the_most_slots_any_gpu_permutation_can():
+    # Duplicates and several empty slots per GPU: the overlap counts min(copies) per expert.
+    current = torch.tensor([[0, 0, -1, -1, 1, 2, 2, -1, 3, 3, 3, 1]])
+    target = torch.tensor([[3, 3, 1, -1, -1, 0, 2, 2, 2, 0, -1, -1]])
+    best = max(
+        int((align(current, target[:, torch.cat([torch.arange(g * 4, g * 4 + 4) for g in order])], 3,
+                   permute_gpus=False) == current).sum())
+        for order in itertools.permutations(range(3))
+    )
+    assert int((align(current, target, 3) == current).sum()) == best
 
 
 # Cost -----------------------------------------------------------------------------------------

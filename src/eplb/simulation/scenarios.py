@@ -4,11 +4,11 @@ A scenario is a table of expected loads (one row per phase, per step of a gradua
 for each step, the row it draws from. ``build`` samples each step's load at a given number of tokens:
 every token picks ``top_k`` distinct experts, expert ``e`` with inclusion probability ``pi_e = top_k *
 share_e`` (capped at 1), so the count of ``e`` over ``N`` tokens is Binomial(N, pi_e), as when a router
-picks top-k without repeats. The picks of a block of tokens are drawn by systematic sampling over a random
-order of the experts (each token: one uniform ``u``, the experts whose stretch of the cumulative ``pi``
-contains ``u, u + 1, ..., u + top_k - 1``); the tokens of a block only enter through how many of their
-``u`` fall between consecutive cut points, one multinomial draw, so a step costs O(blocks x E) per layer
-however many tokens it has. ``replay`` takes a recorded series as it is (no sampling).
+picks top-k without repeats. A step's picks are drawn by systematic sampling over a random order of the
+experts, fresh per layer and step (each token: one uniform ``u``, the experts whose stretch of the cumulative
+``pi`` contains ``u, u + 1, ..., u + top_k - 1``); the tokens only enter through how many of their ``u``
+fall between consecutive cut points, one multinomial draw, so a step costs O(E) per layer however many
+tokens it has. ``replay`` takes a recorded series as it is (no sampling).
 
 Each step's randomness comes from ``(seed, step)``, so a scenario is reproducible and any step can be
 drawn on its own (the simulator draws them in chunks, never holding all of a long replay).
@@ -26,11 +26,6 @@ import torch
 from eplb.cluster import require_count
 from eplb.errors import EplbError
 from eplb.loads import as_history
-
-# Token blocks per step, each with its own random expert order. One (a fresh order per layer and step) gives
-# the same noise floor as eight (oracle max/mean 1.031 at 16,384 tokens, 1.059 vs 1.060 at 4,096 on DeepSeek-V3
-# loads) at a third of the sampling time.
-_BLOCKS = 1
 
 
 @dataclass(frozen=True)
@@ -104,11 +99,9 @@ class Scenario:
         """``[stop - start, L, E]`` float64: the loads of steps ``[start, stop)``."""
         if not 0 <= start <= stop <= self.num_steps:
             raise EplbError(f"steps [{start}, {stop}) are outside the scenario's [0, {self.num_steps}); pass a range")
-        rows = self.expected[self.index[start:stop]]
         if self.tokens_per_step is None:
-            return rows.clone()
-        return torch.stack([_sample(rows[i], self.tokens_per_step, self.top_k, self.seed, start + i)
-                            for i in range(stop - start)])
+            return self.expected[self.index[start:stop]]
+        return _sample(self.expected, self.index[start:stop], self.tokens_per_step, self.top_k, self.seed, start)
 
     def load(self) -> torch.Tensor:
         """``[T, L, E]``: every step (memory ``T x L x E x 8`` bytes: for short scenarios and tests)."""
@@ -132,31 +125,33 @@ def inclusion(share: torch.Tensor, top_k: int) -> torch.Tensor:
     return pi.clamp(max=1.0)
 
 
-def _sample(expected: torch.Tensor, tokens: int, top_k: int, seed: int, step: int) -> torch.Tensor:
-    """One step ``[L, E]``: ``tokens`` tokens pick ``top_k`` distinct experts each (see the module doc)."""
-    rng = np.random.default_rng([seed, step])
-    total = expected.sum(-1, keepdim=True)
-    share = (expected / torch.where(total > 0, total, 1.0)).numpy()
-    num_layers, num_experts = share.shape
-    pi = inclusion(torch.from_numpy(share), top_k).numpy()
-    sizes = np.full(_BLOCKS, tokens // _BLOCKS)
-    sizes[: tokens % _BLOCKS] += 1
-    order = np.argsort(rng.random((num_layers, _BLOCKS, num_experts)), axis=-1)
-    cum = np.cumsum(np.take_along_axis(np.broadcast_to(pi[:, None], order.shape), order, -1), -1)
-    whole, frac = np.floor(cum), cum - np.floor(cum)
-    by_cut = np.argsort(frac, axis=-1)
-    cuts = np.take_along_axis(frac, by_cut, -1)
-    gaps = np.diff(cuts, prepend=0.0, append=1.0, axis=-1).clip(min=0.0)
-    gaps /= gaps.sum(-1, keepdims=True)
-    hits = rng.multinomial(np.broadcast_to(sizes[None, :], (num_layers, _BLOCKS)), gaps)  # [L, B, E + 1]
-    at = np.empty_like(frac)  # uniforms below each expert's cut
-    np.put_along_axis(at, by_cut, np.cumsum(hits, -1)[..., :-1], -1)
-    reach = whole * sizes[None, :, None] + at  # picks up to the end of each expert's stretch
-    picked = np.empty_like(reach)  # back from each block's order to expert order
-    np.put_along_axis(picked, order, np.diff(reach, prepend=0.0, axis=-1), -1)
-    counts = picked.sum(1)
-    counts[total.squeeze(-1).numpy() == 0] = 0.0
-    return torch.from_numpy(counts)
+def _sample(expected: torch.Tensor, rows: torch.Tensor, tokens: int, top_k: int, seed: int, start: int) -> torch.Tensor:
+    """``[S, L, E]``: step ``start + i`` draws ``tokens`` tokens that pick ``top_k`` distinct experts each from
+    row ``rows[i]`` of ``expected [K, L, E]`` (see the module doc). A step's randomness comes from
+    ``(seed, step)`` alone, so a step is the same whichever steps are drawn with it."""
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    total = expected[uniq].sum(-1, keepdim=True)
+    pi = inclusion(expected[uniq] / torch.where(total > 0, total, 1.0), top_k).numpy()  # once per row
+    unloaded = (total.squeeze(-1) == 0).numpy()
+    out = np.empty((rows.numel(), *pi.shape[1:]))
+    for i, k in enumerate(inverse.tolist()):
+        rng = np.random.default_rng([seed, start + i])
+        # A random order of the experts per layer; each expert's stretch of the cumulative pi ends at a cut
+        # point in [0, 1) after ``whole`` full turns.
+        order = np.argsort(rng.random(pi.shape[1:]), axis=-1)
+        cum = np.cumsum(np.take_along_axis(pi[k], order, -1), -1)
+        whole = np.floor(cum)
+        frac = cum - whole
+        by_cut = np.argsort(frac, axis=-1)
+        gaps = np.diff(np.take_along_axis(frac, by_cut, -1), prepend=0.0, append=1.0, axis=-1).clip(min=0.0)
+        # How many of the tokens' uniforms fall between consecutive cut points.
+        hits = rng.multinomial(tokens, gaps / gaps.sum(-1, keepdims=True))
+        at = np.empty_like(frac)  # uniforms below each expert's cut
+        np.put_along_axis(at, by_cut, np.cumsum(hits, -1)[..., :-1], -1)
+        reach = whole * tokens + at  # picks up to the end of each expert's stretch
+        np.put_along_axis(out[i], order, np.diff(reach, prepend=0.0, axis=-1), -1)  # back to expert order
+        out[i][unloaded[k]] = 0.0
+    return torch.from_numpy(out)
 
 
 def _phase_load(spec: Any) -> tuple[str, torch.Tensor, list[int]]:

@@ -166,10 +166,13 @@ def _pair_costs(bins: Bins, rows: np.ndarray, a: np.ndarray, b: np.ndarray,
         base = (load_a + load_b) / 2
     else:
         gain = mu_y - mu_x  # [R, M, S, S]: what bin a gains and bin b loses
-        sd_a = _new_sd(bins, bin_a[:, ::s], slot_a, slot_b, col, row, 1.0)
-        sd_b = _new_sd(bins, bin_b[:, ::s], slot_a, slot_b, col, row, -1.0)
-        excess = np.maximum(load_a[..., None, None] + gain + bins.risk * sd_a,
-                            load_b[..., None, None] - gain + bins.risk * sd_b)
+        swapped = _Swapped.of(bins, slot_a, slot_b, col, row)
+        # In place, in the order of max(A + gain + risk * sd_a, B - gain + risk * sd_b).
+        excess = load_a[..., None, None] + gain
+        excess += np.multiply(swapped.new_sd(bins, bin_a[:, ::s], 1.0), bins.risk, out=swapped.buffer)
+        other = np.subtract(load_b[..., None, None], gain, out=gain)
+        other += np.multiply(swapped.new_sd(bins, bin_b[:, ::s], -1.0), bins.risk, out=swapped.buffer)
+        np.maximum(excess, other, out=excess)
         base = np.zeros_like(load_a)
     if bins.limit.max() > 1:
         # With limit 1, held already forbids exchanging two replicas of one expert.
@@ -177,20 +180,42 @@ def _pair_costs(bins: Bins, rows: np.ndarray, a: np.ndarray, b: np.ndarray,
     return base, excess
 
 
-def _new_sd(bins: Bins, bin_, slot_a, slot_b, col, row, sign: float) -> np.ndarray:
-    """``[R, M, S, S]`` standard deviation of bin ``bin_`` (``[R, M]`` flat) after each swap
-    of flat slots ``slot_a`` and ``slot_b`` (``[R, M * S]``).
+@dataclass
+class _Swapped:
+    """The replicas of every candidate swap of ``_pair_costs``: ``x`` leaves bin a, ``y`` leaves bin b
+    (``[R, M, S, K]`` shifts), and ``square = |x - y|^2`` (``[R, M, S, S]``), shared by both bins."""
 
-    The bin's shift becomes ``D + sign * (y - x)``; its squared norm expands into small dot
-    products and one batched matrix product ``x . y``, so no ``[R, M, S, S, K]`` array is built.
-    """
-    rank = bins.dev.shape[-1]
-    x = bins.dev.reshape(-1, rank)[slot_a].reshape(*col[:3], rank)
-    y = bins.dev.reshape(-1, rank)[slot_b].reshape(*col[:3], rank)
-    d = bins.bin_dev.reshape(-1, rank)[bin_][:, :, None]  # [R, M, 1, K]
-    linear = (2 * sign) * ((y * d).sum(-1).reshape(row) - (x * d).sum(-1).reshape(col))
-    square = (x * x).sum(-1).reshape(col) + (y * y).sum(-1).reshape(row) - 2 * x @ y.swapaxes(-1, -2)
-    return np.sqrt(np.maximum((d * d).sum(-1)[..., None] + linear + square, 0))
+    x: np.ndarray
+    y: np.ndarray
+    square: np.ndarray
+    col: tuple
+    row: tuple
+    buffer: np.ndarray  # [R, M, S, S] scratch for ``new_sd``
+
+    @classmethod
+    def of(cls, bins: Bins, slot_a: np.ndarray, slot_b: np.ndarray, col: tuple, row: tuple) -> _Swapped:
+        rank = bins.dev.shape[-1]
+        x = bins.dev.reshape(-1, rank)[slot_a].reshape(*col[:3], rank)
+        y = bins.dev.reshape(-1, rank)[slot_b].reshape(*col[:3], rank)
+        square = (x * x).sum(-1).reshape(col) + (y * y).sum(-1).reshape(row) - 2 * x @ y.swapaxes(-1, -2)
+        return cls(x, y, square, col, row, np.empty_like(square))
+
+    def new_sd(self, bins: Bins, bin_: np.ndarray, sign: float) -> np.ndarray:
+        """``[R, M, S, S]`` standard deviation of bin ``bin_`` (``[R, M]`` flat) after each swap, in
+        ``buffer``.
+
+        The bin's shift becomes ``D + sign * (y - x)``; its squared norm expands into small dot
+        products and the shared ``square``, so no ``[R, M, S, S, K]`` array is built.
+        """
+        rank = bins.dev.shape[-1]
+        d = bins.bin_dev.reshape(-1, rank)[bin_][:, :, None]  # [R, M, 1, K]
+        out = np.subtract((self.y * d).sum(-1).reshape(self.row), (self.x * d).sum(-1).reshape(self.col),
+                          out=self.buffer)
+        out *= 2 * sign
+        np.add((d * d).sum(-1)[..., None], out, out=out)
+        out += self.square
+        np.maximum(out, 0, out=out)
+        return np.sqrt(out, out=out)
 
 
 def _pair_best(base: np.ndarray, excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

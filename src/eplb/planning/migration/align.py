@@ -58,11 +58,12 @@ def _match_gpus(cur: torch.Tensor, tgt: torch.Tensor, num_nodes: int) -> torch.T
     # One id space for both, with the empty slot as an extra id, so empty matches empty.
     both = _gpu_counts(torch.cat([cur, tgt], dim=1))
     cur_cnt, tgt_cnt = both[:, :num_gpus], both[:, num_gpus:]
-    out = torch.empty(num_layers, num_gpus, dtype=torch.int64)
-    for layer in range(num_layers):
-        overlap = torch.minimum(cur_cnt[layer, :, None], tgt_cnt[layer, None]).sum(-1).numpy()
-        out[layer] = torch.from_numpy(_assign_within_nodes(overlap, num_nodes))
-    return out
+    # sum_e min(c, t) = sum_k sum_e [c >= k][t >= k]: one exact matrix product per copy count k.
+    overlap = torch.zeros(num_layers, num_gpus, num_gpus, dtype=torch.float64)
+    for k in range(1, int(both.max()) + 1):
+        overlap += (cur_cnt >= k).to(torch.float64) @ (tgt_cnt >= k).to(torch.float64).transpose(1, 2)
+    overlap = overlap.to(torch.int64).numpy()
+    return torch.from_numpy(np.stack([_assign_within_nodes(o, num_nodes) for o in overlap]))
 
 
 def _assign_within_nodes(overlap: np.ndarray, num_nodes: int) -> np.ndarray:

@@ -4,6 +4,7 @@ hottest GPU, batched over layers)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -99,12 +100,12 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
     origin, row, best = row, row.clone(), row.clone()
     used = torch.zeros(row.shape[0], dtype=torch.int64)
     live = torch.arange(row.shape[0])  # layers still on the greedy path
+    scratch = [torch.empty(0, dtype=torch.float64)]  # reused: a fresh big tensor every step costs page faults
     # Re-changing a slot already changed is free, so steps can outnumber moves; bound them anyway.
     for _ in range(2 * min(max_moves, row.shape[1])):
         state = _State.of(row[live], weight[live], num_gpus)
-        moves = _candidates(state)
-        cost = _cost(origin[live], state.row, moves.slot_a, moves.value_a)
-        cost += _cost(origin[live], state.row, moves.slot_b, moves.value_b) * (moves.slot_b != moves.slot_a)
+        moves = _candidates(state, origin[live], scratch)
+        cost = moves.cost
         per_move = cost.clamp(min=1).to(torch.float64)
         top, squares = state.top[:, None], state.squares[:, None]
         lower_max = moves.valid & (moves.new_max < top * (1 - _RTOL))
@@ -127,10 +128,10 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
         pick = torch.where(on_path, pick, torch.where(last_fit, gain, -torch.inf).argmax(1))
         step = on_path | off_path
         lowered = (on_path & improves) | off_path
-        pick = pick[step, None]
-        for slots, values in ((moves.slot_a, moves.value_a), (moves.slot_b, moves.value_b)):
-            row[live[step], slots[step].gather(1, pick).squeeze(1)] = values[step].gather(1, pick).squeeze(1)
-        used[live[step]] += cost[step].gather(1, pick).squeeze(1)
+        slot_a, value_a, slot_b, value_b = moves.decode(step, pick[step])
+        row[live[step], slot_a] = value_a
+        row[live[step], slot_b] = value_b
+        used[live[step]] += cost[step].gather(1, pick[step, None]).squeeze(1)
         best[live[lowered]] = row[live[lowered]]
         live = live[on_path]
         if live.numel() == 0:
@@ -138,10 +139,11 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
     return best
 
 
-def _cost(origin: torch.Tensor, row: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Change in the number of slots that differ from ``origin`` when ``slots`` take ``values``."""
-    was = origin.gather(1, slots)
-    return (values != was).to(torch.int64) - (row.gather(1, slots) != was).to(torch.int64)
+def _changes(origin: torch.Tensor, row: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Change in the number of slots that differ from ``origin`` when ``slots`` take ``values``
+    (``slots`` and ``values`` broadcast against each other; ``origin`` and ``row`` are ``[L, P]``)."""
+    was = _at(origin, slots)
+    return (values != was).to(torch.int64) - (_at(row, slots) != was).to(torch.int64)
 
 
 class _State(NamedTuple):
@@ -167,7 +169,7 @@ class _State(NamedTuple):
         slot_gpu = torch.arange(num_slots) // per_gpu
         held = torch.zeros(num_layers, width, num_gpus, dtype=torch.float64)
         held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
-        count = held.sum(-1)
+        count = torch.zeros_like(weight).scatter_add_(1, row, torch.ones_like(row, dtype=weight.dtype))
         per_replica = weight / count.clamp(min=1)
         gpu = gpu_totals(per_replica.gather(1, row), per_gpu)
         top, hot = gpu.max(1)
@@ -186,21 +188,44 @@ class _State(NamedTuple):
         )
 
 
-class _Moves(NamedTuple):
-    """Candidate moves, each ``[L, C]``: slot ``slot_a`` takes ``value_a`` and ``slot_b`` takes
-    ``value_b`` (a single move repeats its slot), with the max and the sum of squared GPU loads after."""
+class _Group(NamedTuple):
+    """``size`` candidates ``u * width + v`` of one kind: slot ``slot_a`` takes ``value_a`` and slot
+    ``slot_b`` takes ``value_b`` (a single move repeats its slot); each field is ``(table [L, n], axis)``,
+    read at ``u`` (axis 0) or ``v`` (axis 1)."""
 
-    slot_a: torch.Tensor
-    value_a: torch.Tensor
-    slot_b: torch.Tensor
-    value_b: torch.Tensor
+    size: int
+    width: int
+    fields: tuple[tuple[torch.Tensor, int], ...]
+
+
+class _Moves(NamedTuple):
+    """Candidate moves, each ``[L, C]``: their cost (change in slots that differ from the origin), the
+    max and the sum of squared GPU loads after, and whether allowed; ``groups`` say what each one does."""
+
+    cost: torch.Tensor
     new_max: torch.Tensor
     new_squares: torch.Tensor
     valid: torch.Tensor
+    groups: tuple[_Group, ...]
+
+    def decode(self, layers: torch.Tensor, pick: torch.Tensor) -> list[torch.Tensor]:
+        """``[slot_a, value_a, slot_b, value_b]``, each ``[N]``: the moves ``pick [N]`` of ``layers [N]``
+        (indices or a mask of the batch's layers)."""
+        out: list[torch.Tensor] = [torch.empty_like(pick) for _ in range(4)]
+        start = 0
+        for group in self.groups:
+            local = (pick - start).clamp(0, group.size - 1)
+            mine = (pick >= start) & (pick < start + group.size)
+            at = (local // group.width, local % group.width)
+            for k, (table, axis) in enumerate(group.fields):
+                out[k] = torch.where(mine, table[layers].gather(1, at[axis][:, None]).squeeze(1), out[k])
+            start += group.size
+        return out
 
 
-def _candidates(state: _State) -> _Moves:
-    """Every replicate, replace and swap move of the hottest GPU (see :func:`_greedy_moves`)."""
+def _candidates(state: _State, origin: torch.Tensor, scratch: list[torch.Tensor]) -> _Moves:
+    """Every replicate, replace and swap move of the hottest GPU (see :func:`_greedy_moves`), with
+    its cost against ``origin [L, P]``; ``scratch`` holds a reusable buffer."""
     row, width = state.row, state.weight.shape[1]
     # Replicate: a slot that its expert can spare takes an expert of the hottest GPU.
     spare_slot = state.spare.gather(1, row)
@@ -208,12 +233,17 @@ def _candidates(state: _State) -> _Moves:
     # Spare slots first, each group in slot order (the keys are distinct, so the order is fixed).
     order_key = (~spare_slot) * row.shape[1] + torch.arange(row.shape[1])
     spare_first = order_key.topk(num_spare, dim=1, largest=False).indices
+    hot_experts = row.gather(1, state.hot_slots)
     replicate = _replacements(
         state,
         slot=spare_first[:, None, :],
-        expert=row.gather(1, state.hot_slots)[:, :, None],
+        expert=hot_experts[:, :, None],
         allowed=spare_slot.gather(1, spare_first)[:, None, :],
+        scratch=scratch,
     )
+    replicate_cost = _changes(origin, row, spare_first[:, None, :], hot_experts[:, :, None])
+    groups = [_Group(hot_experts.shape[1] * num_spare, num_spare,
+                     ((spare_first, 1), (hot_experts, 0), (spare_first, 1), (hot_experts, 0)))]
     # Replace: a slot of the hottest GPU takes an expert that is light after one more replica.
     on_hot = state.held.gather(2, state.hot[:, None, None].expand(-1, width, 1)).squeeze(2) > 0
     lighter = torch.where(on_hot, torch.inf, state.weight / (state.count + 1))
@@ -224,15 +254,33 @@ def _candidates(state: _State) -> _Moves:
         slot=state.hot_slots[:, :, None],
         expert=light.indices[:, None, :],
         allowed=light.values[:, None, :].isfinite(),
+        scratch=scratch,
     )
-    parts = [replicate, replace]
+    replace_cost = _changes(origin, row, state.hot_slots[:, :, None], light.indices[:, None, :])
+    num_light = light.indices.shape[1]
+    groups.append(_Group(state.hot_slots.shape[1] * num_light, num_light,
+                         ((state.hot_slots, 0), (light.indices, 1), (state.hot_slots, 0), (light.indices, 1))))
+    parts = [(*replicate, replicate_cost), (*replace, replace_cost)]
     if state.gpu.shape[1] > 1:
-        parts.append(_swaps(state))
-    return _Moves(*(torch.cat(columns, 1) for columns in zip(*parts, strict=False)))
+        *swaps, group = _swaps(state, origin)
+        parts.append(tuple(swaps))
+        groups.append(group)
+    new_max, squares, valid, cost = (torch.cat(column, 1) for column in zip(*map(_flat, parts), strict=True))
+    return _Moves(cost, new_max, squares, valid, tuple(groups))
 
 
-def _replacements(state: _State, slot: torch.Tensor, expert: torch.Tensor, allowed: torch.Tensor) -> _Moves:
-    """Every slot of ``slot`` takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``).
+def _flat(part: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Each tensor of ``part`` broadcast to their common ``[L, X, Y]`` and flattened to ``[L, X * Y]``."""
+    shape = torch.broadcast_shapes(*(t.shape for t in part))
+    return [t.expand(shape).reshape(shape[0], -1) for t in part]
+
+
+def _replacements(
+    state: _State, slot: torch.Tensor, expert: torch.Tensor, allowed: torch.Tensor, scratch: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(max, sum of squares of the GPU loads after, allowed)``, each ``[L, X, Y]``, when every slot of
+    ``slot`` takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``); the ``[L, X, Y, G]``
+    loads go to the buffer ``scratch[0]`` (grown as needed).
 
     ``slot`` varies along one axis and ``expert`` along the other, so the GPU-load terms of each
     are computed once per axis and only their sum is ``[L, X, Y, G]``.
@@ -253,16 +301,16 @@ def _replacements(state: _State, slot: torch.Tensor, expert: torch.Tensor, allow
     old_side.scatter_add_(3, gpu_of[..., None], -lose[..., None])
     # All but the incoming replica; that one (gain >= 0) only adds to the slot's own GPU, so it
     # is added to that column's value instead of to a copy of the whole [L, X, Y, G] tensor.
-    after = (state.gpu[:, None, None, :] + new_side) + old_side
+    base = state.gpu[:, None, None, :] + new_side
+    full = torch.broadcast_shapes(base.shape, old_side.shape)
+    if scratch[0].numel() < math.prod(full):
+        scratch[0] = torch.empty(math.prod(full), dtype=base.dtype)
+    after = torch.add(base, old_side, out=scratch[0][: math.prod(full)].view(full))
     shape = after.shape[:3]
     at_slot_gpu = after.gather(3, gpu_of.expand(shape)[..., None]).squeeze(3)
     new_max = torch.maximum(after.amax(3), at_slot_gpu + gain)
     squares = torch.linalg.vector_norm(after, dim=3) ** 2 + (2 * at_slot_gpu + gain) * gain
-
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(shape).reshape(num_layers, -1)
-
-    return _Moves(flat(slot), flat(expert), flat(slot), flat(expert), flat(new_max), flat(squares), flat(valid))
+    return new_max, squares, valid
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -276,8 +324,11 @@ def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.gather(1, flat).reshape(*index.shape, *table.shape[2:])
 
 
-def _swaps(state: _State) -> _Moves:
-    """A slot ``p`` of the hottest GPU and a slot ``q`` of one of the coolest GPUs trade experts.
+def _swaps(
+    state: _State, origin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Group]:
+    """A slot ``p`` of the hottest GPU and a slot ``q`` of one of the coolest GPUs trade experts:
+    ``(max, sum of squares of the GPU loads after, allowed, cost)`` (each ``[L, S, Q]``) and the group.
 
     Replica counts do not change, so only the two GPUs' loads do. A swap lowers the max most
     with a cool partner, so only the ``_SWAP_PARTNERS`` coolest GPUs are tried.
@@ -289,6 +340,7 @@ def _swaps(state: _State) -> _Moves:
     q = (partners[:, :, None] * per_gpu + torch.arange(per_gpu)).reshape(num_layers, 1, -1)  # [L, 1, Q]
     q_gpu = q // per_gpu
     hot3 = hot[:, None, None]
+    p = state.hot_slots[:, :, None]
     a = row.gather(1, state.hot_slots)[:, :, None]  # [L, S, 1]
     b = row.gather(1, q[:, 0])[:, None, :]  # [L, 1, Q]
     empty_id = width - 1
@@ -310,10 +362,7 @@ def _swaps(state: _State) -> _Moves:
     rest = torch.where(top2.indices[:, None, :1] == q_gpu, top2.values[:, None, 1:], top2.values[:, None, :1])
     new_max = torch.maximum(rest, torch.maximum(new_hot, new_other))
     squares = state.squares[:, None, None] - hot_load**2 - other_load**2 + new_hot**2 + new_other**2
-    shape = (num_layers, per_gpu, q.shape[2])
-
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(shape).reshape(num_layers, -1)
-
-    p = state.hot_slots[:, :, None]
-    return _Moves(flat(p), flat(b), flat(q), flat(a), flat(new_max), flat(squares), flat(valid))
+    cost = _changes(origin, row, p, b) + _changes(origin, row, q, a) * (q != p)
+    group = _Group(per_gpu * q.shape[2], q.shape[2],
+                   ((state.hot_slots, 0), (b[:, 0], 1), (q[:, 0], 1), (a[:, :, 0], 0)))
+    return new_max, squares, valid, cost, group

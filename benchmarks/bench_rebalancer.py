@@ -126,7 +126,8 @@ def main() -> None:
         with_rb, moves, host = run(True)
         row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]), "slots_moved": moves,
                "bytes_per_expert": expert_bytes,
-               "rebalancer_step_host_ms": statistics.median(host) * 1e3 if host else None}
+               "rebalancer_step_host_ms": statistics.median(host) * 1e3 if host else None,
+               "migrating_steps_ms": [round(t * 1e3, 2) for t, busy in with_rb[2:] if busy]}
         print(row, flush=True)
         rows.append(row)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -49,12 +49,17 @@ class Staged:
         row_of: the staging row of each staged expert.
         sources: the rank each row came from (this rank for local copies).
         stream: the CUDA stream that wrote ``rows``, or None.
+        fills: the commit's ``(slot, staging row)`` copies on this rank.
+        fill_index: ``fills`` as a ``[2, n]`` device tensor, made while staging (so the commit, at the step
+            boundary, launches copies only).
     """
 
     rows: torch.Tensor
     row_of: dict[int, int]
     sources: list[int]
     stream: Any = None
+    fills: list[tuple[int, int]] = field(default_factory=list)
+    fill_index: torch.Tensor | None = None
 
 
 def _pack(
@@ -72,10 +77,12 @@ def _pack(
 
 def copy_rows(
     dst: torch.Tensor, dst_index: Sequence[int], src: torch.Tensor, src_index: Sequence[int],
-    sums: torch.Tensor | None = None, backend: str = "auto",
+    sums: torch.Tensor | None = None, backend: str = "auto", index: torch.Tensor | None = None,
 ) -> None:
     """``dst[dst_index[r]] = src[src_index[r]]`` for byte rows ``[*, n]`` uint8 (rows contiguous, any
     row stride); with ``sums [R]`` int64, ``sums[r]`` = the checksum of source row ``src_index[r]``.
+    ``index``: ``[dst_index, src_index]`` as a ``[2, R]`` int64 tensor on the device, made ahead (a
+    host-to-device copy from pageable memory waits for the stream's queued work).
 
     With the Triton backend and rows of whole aligned 32-bit words: one kernel per call that reads
     each word once for the copy and the checksum. Otherwise torch: small rows gathered in one op,
@@ -83,6 +90,8 @@ def copy_rows(
     """
     if not src_index:
         return
+    if index is None and (src.shape[1] < _GATHER_BYTES or use_triton(backend, src.device)):
+        index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
     if use_triton(backend, src.device):
         words = _word_rows(dst), _word_rows(src)
         if words[0] is not None and words[1] is not None:
@@ -90,11 +99,9 @@ def copy_rows(
 
             if sums is not None:
                 sums.zero_()
-            index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
             copy_word_rows(words[0], index[0], words[1], index[1], sums)
             return
     if src.shape[1] < _GATHER_BYTES:
-        index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
         rows = src.index_select(0, index[1])
         dst.index_copy_(0, index[0], rows)
         if sums is not None:
@@ -204,12 +211,12 @@ def stage(
             aborted = [failure for failure in answers.values() if failure is not None]
             if aborted:
                 raise PeerAbort(aborted[0])
-    return Staged(
-        rows=rows,
-        row_of={e: i for i, (e, _) in enumerate(staged)},
-        sources=[rank if m is None else m.src for _, m in staged],
-        stream=stream,
-    )
+        row_of = {e: i for i, (e, _) in enumerate(staged)}
+        fills = [(slot, row_of[e]) for slot, e in t.rank_fills(rank)]
+        fill_index = torch.tensor([[f[0] for f in fills], [f[1] for f in fills]], dtype=torch.int64,
+                                  device=weights.device).view(2, len(fills))
+    return Staged(rows=rows, row_of=row_of, sources=[rank if m is None else m.src for _, m in staged], stream=stream,
+                  fills=fills, fill_index=fill_index)
 
 
 def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[Any]:
@@ -291,8 +298,10 @@ def commit(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int,
         current = torch.cuda.current_stream(staged.rows.device)
         current.wait_stream(staged.stream)
         staged.rows.record_stream(current)
-    fills = t.rank_fills(rank)
+        if staged.fill_index is not None:
+            staged.fill_index.record_stream(current)
+    slots, rows = [slot for slot, _ in staged.fills], [row for _, row in staged.fills]
     with torch.no_grad():
         for seg, dst in zip(layout.segments, dst_rows, strict=True):
             src = staged.rows[:, seg.offset : seg.offset + seg.nbytes]
-            copy_rows(dst, [slot for slot, _ in fills], src, [staged.row_of[e] for _, e in fills], backend=backend)
+            copy_rows(dst, slots, src, rows, backend=backend, index=staged.fill_index)

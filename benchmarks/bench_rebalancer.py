@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -79,7 +78,16 @@ def main() -> None:
     moved[:, args.experts :] = (moved[:, args.experts :] + spare) % args.experts
     target = eplb.Placement(moved, args.experts, 1)
 
-    def build(with_rebalancer: bool, mode: str = "async"):
+    def build(with_rebalancer: bool, mode: str = "async", switches: list[float] | None = None):
+        """The layers, recorder and rebalancer; ``switches`` collects the host seconds of each layer's
+        ``set_placement`` (the engine's table switch at a commit)."""
+
+        def switch(layer: int, placement: eplb.Placement) -> None:
+            clock = time.perf_counter()
+            layers[layer].set_placement(placement)
+            if switches is not None:
+                switches.append(time.perf_counter() - clock)
+
         weights = ExpertWeights([local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)])
         recorder = ExpertLoadRecorder(args.layers, args.slots, window=args.steps, device=device)
         layers = [EPMoE(config, start, layer, weights.tensors(layer), routers[layer], recorder=recorder)
@@ -88,13 +96,15 @@ def main() -> None:
         if with_rebalancer:
             rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(
                 every=10**6, mode=mode, layers_per_step=args.layers_per_step, migration=MigrationConfig(timeout_s=120)),
-                on_commit=lambda layer, placement: layers[layer].set_placement(placement))
+                on_commit=switch)
         return layers, recorder, rb
 
-    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], int, list[float]]:
-        """Per step: (seconds, whether a migration was in flight); the slots moved; and the host seconds of
-        ``rb.step()`` in the migrating steps (what it adds on the CPU, before the device sync)."""
-        layers, recorder, rb = build(with_rebalancer, mode)
+    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], dict]:
+        """Per step: (seconds, whether a migration was in flight); and what the rebalancer did: slots moved,
+        the host seconds of ``rb.step()`` in the migrating steps (before the device sync) and of each table
+        switch, and its phase seconds."""
+        switches: list[float] = []
+        layers, recorder, rb = build(with_rebalancer, mode, switches)
         host: list[float] = []
 
         def order(step: int) -> None:
@@ -116,18 +126,20 @@ def main() -> None:
 
         out = timed_steps(step, args.steps, lambda: _sync(device), before=order)
         if rb is None:
-            return out, 0, host
+            return out, {}
         rb.close()
-        return out, sum(r.report.moves for r in rb.rebalances), host
+        ms = lambda seconds: [round(t * 1e3, 2) for t in seconds]  # noqa: E731
+        return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
+                     "rebalancer_step_host_ms": ms(host), "table_switch_host_ms": ms(switches),
+                     "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None}
 
     rows = []
     for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
-        base, _, _ = run(False)
-        with_rb, moves, host = run(True)
-        row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]), "slots_moved": moves,
-               "bytes_per_expert": expert_bytes,
-               "rebalancer_step_host_ms": statistics.median(host) * 1e3 if host else None,
-               "migrating_steps_ms": [round(t * 1e3, 2) for t, busy in with_rb[2:] if busy]}
+        base, _ = run(False)
+        with_rb, done = run(True)
+        busy = [round(t * 1e3, 2) for t, migrating in with_rb[2:] if migrating]
+        row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]),
+               "bytes_per_expert": expert_bytes, "migrating_steps_ms": busy, **done}
         print(row, flush=True)
         rows.append(row)
 

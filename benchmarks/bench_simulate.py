@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch
 
 import eplb
 import eplb.planning.online as online_module
+import eplb.simulation.policies as policies_module
 from eplb.io.loads import read_load
 from eplb.planning.online import OnlineConfig
 from eplb.simulation import CostModel, Online, Oracle, Periodic, StepOracle, build, replay, simulate
@@ -134,41 +136,49 @@ def dispatch_table(scenario, out_dir: Path, cost: CostModel) -> list[dict]:
     return out
 
 
+@contextmanager
+def timed(module, name: str, bucket: dict):
+    """Count the calls of ``module.name`` and their seconds into ``bucket`` while inside."""
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        tick = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            bucket["calls"] = bucket.get("calls", 0) + 1
+            bucket["s"] = bucket.get("s", 0.0) + time.perf_counter() - tick
+
+    setattr(module, name, wrapper)
+    try:
+        yield bucket
+    finally:
+        setattr(module, name, fn)
+
+
 def speed(data: Path, steps: int = 10_000) -> dict:
     """``steps`` steps of DeepSeek-V3 shape with the eplb policy, balance only and with the time model, and
-    where the time goes: sampling, the policy (of which the planner: ``eplb.plan`` inside ``decide``; the rest
-    is the policy's shift detector and its scoring of the serving placement) and scoring."""
+    where the time goes: sampling, the policy (of which the planner, ``eplb.plan`` inside ``decide``, and the
+    shift detector, ``current_workload``; the rest is the policy's scoring of the serving placement) and
+    scoring."""
     phases = dsv3_phases(data)
     per_phase = steps // len(phases)
     lengths = [per_phase] * (len(phases) - 1) + [steps - per_phase * (len(phases) - 1)]
     scenario = build(phases, steps_per_phase=lengths, tokens_per_step=16384, top_k=8, seed=7)
-    planner = {"calls": 0, "s": 0.0}
-    plan = online_module.plan
-
-    def timed_plan(*args, **kwargs):
-        tick = time.perf_counter()
-        try:
-            return plan(*args, **kwargs)
-        finally:
-            planner["calls"] += 1
-            planner["s"] += time.perf_counter() - tick
-
     out = {}
-    online_module.plan = timed_plan
-    try:
-        for label, cost in (("balance", None), ("time model", CostModel())):
-            planner.update(calls=0, s=0.0)
+    for label, cost in (("balance", None), ("time model", CostModel())):
+        planner, detector = {}, {}
+        with timed(online_module, "plan", planner), timed(online_module, "current_workload", detector), \
+                timed(policies_module, "current_workload", detector):
             start = time.perf_counter()
             res = simulate(scenario, [Online()], **DSV3, cost=cost)
             wall = time.perf_counter() - start
-            out[label] = {"wall_s": wall, **res.timing, "planner_calls": planner["calls"], "planner_s": planner["s"],
-                          **res.summary()[0]}
-            t = res.timing
-            print(f"{steps:,} steps, {label}: {wall:.1f} s: sampling {t['sample_s']:.1f} s, "
-                  f"policy {t['policy_s']:.1f} s (planner {planner['s']:.1f} s in {planner['calls']} calls), "
-                  f"scoring {t['evaluate_s']:.1f} s; {res.summary()[0]}", flush=True)
-    finally:
-        online_module.plan = plan
+        t = res.timing
+        out[label] = {"wall_s": wall, **t, "planner_calls": planner.get("calls", 0), "planner_s": planner.get("s", 0.0),
+                      "detector_s": detector.get("s", 0.0), **res.summary()[0]}
+        print(f"{steps:,} steps, {label}: {wall:.1f} s: sampling {t['sample_s']:.1f} s, policy {t['policy_s']:.1f} s "
+              f"(planner {planner.get('s', 0.0):.1f} s in {planner.get('calls', 0)} calls, shift detector "
+              f"{detector.get('s', 0.0):.1f} s), scoring {t['evaluate_s']:.1f} s; {res.summary()[0]}", flush=True)
     return out
 
 

@@ -197,3 +197,11 @@ def test_cuda_migrations_stage_on_a_side_stream_and_commit_in_place() -> None:
     assert [t.data_ptr() for named in cuda for t in named.values()] == addresses
     rows = torch.randint(0, 256, (3, 1001), dtype=torch.uint8, generator=gen)
     assert torch.equal(checksum(rows.cuda()).cpu(), checksum(rows))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8])
+def test_copy_index_rows_start_on_16_bytes(count) -> None:
+    # The Triton kernel is compiled per pointer alignment: both index rows must align alike on every call.
+    index = transfer.copy_index(range(count), range(5, 5 + count), torch.device("cpu"))
+    assert index.tolist() == [list(range(count)), list(range(5, 5 + count))]
+    assert index[0].data_ptr() % 16 == 0 and index[1].data_ptr() % 16 == 0

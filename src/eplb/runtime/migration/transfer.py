@@ -91,7 +91,7 @@ def copy_rows(
     if not src_index:
         return
     if index is None and (src.shape[1] < _GATHER_BYTES or use_triton(backend, src.device)):
-        index = torch.tensor([list(dst_index), list(src_index)], device=src.device)
+        index = copy_index(dst_index, src_index, src.device)
     if use_triton(backend, src.device):
         words = _word_rows(dst), _word_rows(src)
         if words[0] is not None and words[1] is not None:
@@ -111,6 +111,16 @@ def copy_rows(
         dst[d].copy_(src[s])
         if sums is not None:
             sums[r] = checksum(src[s : s + 1], backend)[0]
+
+
+def copy_index(dst_index: Sequence[int], src_index: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[dst_index, src_index]`` as a ``[2, n]`` int64 tensor on ``device`` whose rows both start on a 16-byte
+    boundary: the Triton kernel is compiled per pointer alignment, so every call then reuses the variant the
+    warm-up compiled."""
+    n = len(dst_index)
+    index = torch.zeros(2, n + n % 2, dtype=torch.int64)
+    index[0, :n], index[1, :n] = torch.as_tensor(list(dst_index)), torch.as_tensor(list(src_index))
+    return index.to(device)[:, :n]
 
 
 def _word_rows(rows: torch.Tensor) -> torch.Tensor | None:
@@ -213,8 +223,7 @@ def stage(
                 raise PeerAbort(aborted[0])
         row_of = {e: i for i, (e, _) in enumerate(staged)}
         fills = [(slot, row_of[e]) for slot, e in t.rank_fills(rank)]
-        fill_index = torch.tensor([[f[0] for f in fills], [f[1] for f in fills]], dtype=torch.int64,
-                                  device=weights.device).view(2, len(fills))
+        fill_index = copy_index([f[0] for f in fills], [f[1] for f in fills], weights.device)
     return Staged(rows=rows, row_of=row_of, sources=[rank if m is None else m.src for _, m in staged], stream=stream,
                   fills=fills, fill_index=fill_index)
 

@@ -109,23 +109,27 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
         per_move = cost.clamp(min=1).to(torch.float64)
         top, squares = state.top[:, None], state.squares[:, None]
         lower_max = moves.valid & (moves.new_max < top * (1 - _RTOL))
-        flatter = moves.valid & (moves.new_max <= top) & (moves.new_squares < squares * (1 - _RTOL))
         gain = torch.where(lower_max, (top - moves.new_max) / per_move, -torch.inf)
         # Free moves (re-changing a changed slot) come first, so that the path takes them before
         # paying for the next move, whatever the budget.
         free = lower_max & (cost <= 0)
-        by_max = torch.where(free.any(1), torch.where(free, gain, -torch.inf).argmax(1), gain.argmax(1))
+        by_max = gain.argmax(1)
+        if bool(free.any()):
+            by_max = torch.where(free.any(1), torch.where(free, gain, -torch.inf).argmax(1), by_max)
         improves = lower_max.any(1)
-        pick = torch.where(
-            improves, by_max,
-            torch.where(flatter, (squares - moves.new_squares) / per_move, -torch.inf).argmax(1),
-        )
+        # The branches below are computed only for the layers (if any) that take them.
+        pick, moving = by_max, improves
+        if not bool(improves.all()):
+            flatter = moves.valid & (moves.new_max <= top) & (moves.new_squares < squares * (1 - _RTOL))
+            flattest = torch.where(flatter, (squares - moves.new_squares) / per_move, -torch.inf).argmax(1)
+            pick, moving = torch.where(improves, by_max, flattest), improves | flatter.any(1)
         # The path ignores the budget, so that a larger budget never ends worse.
-        fits = used[live, None] + cost <= max_moves
-        on_path = (improves | flatter.any(1)) & fits.gather(1, pick[:, None]).squeeze(1)
-        last_fit = lower_max & fits
-        off_path = ~on_path & last_fit.any(1)
-        pick = torch.where(on_path, pick, torch.where(last_fit, gain, -torch.inf).argmax(1))
+        on_path = moving & (used[live] + cost.gather(1, pick[:, None]).squeeze(1) <= max_moves)
+        off_path = torch.zeros_like(on_path)
+        if not bool(on_path.all()):
+            last_fit = lower_max & (used[live, None] + cost <= max_moves)
+            off_path = ~on_path & last_fit.any(1)
+            pick = torch.where(on_path, pick, torch.where(last_fit, gain, -torch.inf).argmax(1))
         step = on_path | off_path
         lowered = (on_path & improves) | off_path
         slot_a, value_a, slot_b, value_b = moves.decode(step, pick[step])

@@ -144,8 +144,9 @@ def same_workload(recent: torch.Tensor, noise: float) -> int:
     distance = mean_over_layers(0.5 * (share - share[-1]).abs().sum(-1), loaded)  # [T]
     # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
     # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
-    spread = recent.sqrt().sum(-1) / total.squeeze(-1).clamp(min=1e-300) / math.sqrt(math.pi)
-    scale = float(mean_over_layers(spread, loaded)[-1])
+    newest = recent[-1]
+    spread = newest.sqrt().sum(-1) / total[-1, :, 0].clamp(min=1e-300) / math.sqrt(math.pi)
+    scale = float(mean_over_layers(spread, loaded[-1]))
     if recent.shape[0] > 2:
         steps = mean_over_layers(0.5 * (share[1:] - share[:-1]).abs().sum(-1), loaded[1:] & loaded[:-1])
         scale = max(scale, float(steps.median()))

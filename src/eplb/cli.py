@@ -22,7 +22,7 @@ from eplb.cluster import Cluster, check_cluster, require_count
 from eplb.errors import EplbError
 from eplb.integrations.commands import COMMANDS as ENGINE_COMMANDS
 from eplb.integrations.commands import after_write, output_options
-from eplb.io.placements import _brief
+from eplb.io.placements import brief_ids
 from eplb.metrics import BalanceReport, evaluate
 from eplb.placement import Placement
 from eplb.planning.hedged import HEDGED, HedgedConfig
@@ -219,8 +219,8 @@ def _read_current(path: str, req: Request) -> Placement:
     serving = io.read_placement_file(path, num_gpus=req.gpus, num_nodes=req.nodes)
     if serving.layer_ids != req.stats.layer_ids:
         raise EplbError(
-            f"--current {path} is for model layers {_brief(serving.layer_ids)} but the statistics have "
-            f"{_brief(req.stats.layer_ids)}; pass the placement now serving these layers"
+            f"--current {path} is for model layers {brief_ids(serving.layer_ids)} but the statistics have "
+            f"{brief_ids(req.stats.layer_ids)}; pass the placement now serving these layers"
         )
     return serving.placement
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from eplb.errors import EplbError
 from eplb.integrations.layers import moe_layer_ids
-from eplb.io.placements import PlacementFile, _brief
+from eplb.io.placements import PlacementFile, brief_ids
 
 
 def check(file: PlacementFile, *, model_layers: int, ep_size: int, dense_layers: int = 0,
@@ -37,11 +37,11 @@ def check(file: PlacementFile, *, model_layers: int, ep_size: int, dense_layers:
     ids = set(file.layer_ids)
     missing = [i for i in moe_layer_ids(model_layers, dense_layers) if i not in ids]
     if missing:
-        problems.append(f"no assignment for MoE layer(s) {_brief(missing)} (TensorRT-LLM raises KeyError there); "
+        problems.append(f"no assignment for MoE layer(s) {brief_ids(missing)} (TensorRT-LLM raises KeyError there); "
                         f"write the file with --model-layers {model_layers} from statistics with layer ids")
     beyond = sorted(i for i in ids if i >= model_layers)
     if beyond:
-        problems.append(f"layer id(s) {_brief(beyond)} beyond a model of {model_layers} layers (MTP included): "
+        problems.append(f"layer id(s) {brief_ids(beyond)} beyond a model of {model_layers} layers (MTP included): "
                         "plan from this model's statistics")
     if num_experts is not None and placement.num_experts != num_experts:
         problems.append(f"the file places {placement.num_experts} experts, the model has {num_experts} "

@@ -30,7 +30,7 @@ import torch
 
 from eplb.errors import EplbError
 from eplb.integrations.layers import moe_layer_ids
-from eplb.io.placements import PlacementFile, _brief, read_placement
+from eplb.io.placements import PlacementFile, brief_ids, read_placement
 from eplb.placement import Placement
 from eplb.planning.deepseek import rebalance_experts as deepseek_rebalance
 from eplb.planning.migration.align import align
@@ -229,7 +229,7 @@ def check(file: PlacementFile, *, model_layers: int, ep_size: int, dense_layers:
         problems.append(f"the file has {placement.num_layers} rows but vLLM's map has {len(moe)} (one per MoE layer: "
                         f"{model_layers} layers less {dense_layers} dense); write it with --format vllm")
     elif file.format in ("vllm", "eplb") and file.layer_ids != moe:
-        problems.append(f"the rows are layers {_brief(file.layer_ids)} but the MoE layers are {_brief(moe)}; "
+        problems.append(f"the rows are layers {brief_ids(file.layer_ids)} but the MoE layers are {brief_ids(moe)}; "
                         "plan from this model's statistics with layer ids")
     if num_experts is not None and placement.num_experts != num_experts:
         problems.append(f"the file places {placement.num_experts} experts, the model has {num_experts}")

@@ -230,7 +230,9 @@ def _check_layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[i
     if len(ids) != num_layers:
         raise EplbError(f"{len(ids)} layer ids for a placement of {num_layers} layers; pass one id per row")
     if len(set(ids)) != len(ids) or min(ids) < 0:
-        raise EplbError(f"layer ids must be distinct and non-negative, got {_brief(ids)}; pass the model's layer ids")
+        raise EplbError(
+            f"layer ids must be distinct and non-negative, got {brief_ids(ids)}; pass the model's layer ids"
+        )
     return ids
 
 
@@ -261,7 +263,7 @@ def _encode_sglang(placement: Placement, path: Path, ids: list[int], metadata: d
     _require_full(placement, "SGLang")
     if ids != list(range(placement.num_layers)):
         raise EplbError(
-            f"SGLang reads row l as model layer l, but these rows are layers {_brief(ids)}; plan on statistics "
+            f"SGLang reads row l as model layer l, but these rows are layers {brief_ids(ids)}; plan on statistics "
             "with one row per model layer (as SGLang records them), or write the trtllm or eplb format"
         )
     suffix = path.suffix.lower()
@@ -341,7 +343,8 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serializable")
 
 
-def _brief(ids: list[int]) -> str:
+def brief_ids(ids: list[int]) -> str:
+    """Layer ids for a message: all of them up to 8, else the first four and the last."""
     return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:4]))}, ..., {ids[-1]}]"
 
 

@@ -39,6 +39,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=24, help="steps per run (the rebalance is ordered half way)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds without and with a rebalancer")
     parser.add_argument("--layers-per-step", type=int, default=1, help="async: layers committed per step")
+    parser.add_argument("--touch-target", action="store_true",
+                        help="before the first round, run one untimed forward of every layer on the target placement's "
+                             "tables (wrong experts, right shapes): separates the layer's first use of a placement "
+                             "from the migration's cost")
     parser.add_argument("--json", default=None)
     return parser.parse_args()
 
@@ -132,6 +136,14 @@ def main() -> None:
         return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
                      "rebalancer_step_host_ms": ms(host), "table_switch_host_ms": ms(switches),
                      "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None}
+
+    if args.touch_target:
+        layers, _, _ = build(False)
+        for layer in layers:
+            layer.set_placement(target)
+            layer(x)
+        _sync(device)
+        del layers
 
     rows = []
     for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike

@@ -159,8 +159,8 @@ def timed(module, name: str, bucket: dict):
 def speed(data: Path, steps: int = 10_000) -> dict:
     """``steps`` steps of DeepSeek-V3 shape with the eplb policy, balance only and with the time model, and
     where the time goes: sampling, the policy (of which the planner, ``eplb.plan`` inside ``decide``, and the
-    shift detector, ``current_workload``; the rest is the policy's scoring of the serving placement) and
-    scoring."""
+    shift detector, ``current_workload`` in ``decide`` and the policy's ``ShiftDetector``; the rest is the
+    policy's scoring of the serving placement) and scoring."""
     phases = dsv3_phases(data)
     per_phase = steps // len(phases)
     lengths = [per_phase] * (len(phases) - 1) + [steps - per_phase * (len(phases) - 1)]
@@ -169,7 +169,7 @@ def speed(data: Path, steps: int = 10_000) -> dict:
     for label, cost in (("balance", None), ("time model", CostModel())):
         planner, detector = {}, {}
         with timed(online_module, "plan", planner), timed(online_module, "current_workload", detector), \
-                timed(policies_module, "current_workload", detector):
+                timed(policies_module.Online, "_workload_run", detector):
             start = time.perf_counter()
             res = simulate(scenario, [Online()], **DSV3, cost=cost)
             wall = time.perf_counter() - start

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from eplb import EplbError, plan
-from eplb.planning.online import OnlineConfig, decide, lower_bound_max_over_mean, predicted_max_over_mean
+from eplb.planning.online import (
+    OnlineConfig,
+    ShiftDetector,
+    decide,
+    lower_bound_max_over_mean,
+    predicted_max_over_mean,
+    same_workload,
+)
 
 
 def _shifted(make_load):
@@ -117,6 +126,50 @@ def test_one_window_is_enough_when_the_window_is_one() -> None:
     history = _windows(_probs(3), 1, seed=12)
     serving = plan(_probs(4), num_gpus=4, num_slots=20, algorithm="deepseek")
     assert decide(history, serving, _config(window=1, min_windows=2)).planned
+
+
+def _shifting_history(seed: int, steps: int = 48) -> torch.Tensor:
+    """``[steps, 3, 12]`` windows of three workloads in turn (shifts), some layers without load."""
+    gen = torch.Generator().manual_seed(seed)
+    phase = (torch.rand(steps, generator=gen) < 0.15).long().cumsum(0) % 3
+    probs = torch.stack([_probs(seed * 3 + i, layers=3, experts=12) for i in range(3)])
+    history = torch.stack([_windows(probs[int(p)], 1, seed=seed * 1000 + t, tokens=300)[0]
+                           for t, p in enumerate(phase)])
+    history[torch.rand(steps, 3, generator=gen) < 0.1] = 0.0  # zero-load layers
+    return history
+
+
+def _reference_run(recent: torch.Tensor, noise: float) -> int:
+    """``same_workload`` written out over the whole window at once (how it was before ``ShiftDetector``)."""
+    total = recent.sum(-1, keepdim=True)
+    share, loaded = recent / total.clamp(min=1e-300), total.squeeze(-1) > 0
+
+    def tv(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, 0.5 * (a - b).abs().sum(-1), 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    spread = recent[-1].sqrt().sum(-1) / total[-1, :, 0].clamp(min=1e-300) / math.sqrt(math.pi)
+    scale = float(torch.where(loaded[-1], spread, 0.0).sum() / loaded[-1].sum().clamp(min=1))
+    if len(recent) > 2:
+        scale = max(scale, float(tv(share[1:], share[:-1], loaded[1:] & loaded[:-1]).median()))
+    outside = (tv(share, share[-1], loaded) > noise * max(scale, 1e-12)).nonzero().flatten()
+    return len(recent) - (int(outside[-1]) + 1 if outside.numel() else 0)
+
+
+@pytest.mark.parametrize("bound", [1, 2, 3, 7])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_the_shift_detector_follows_same_workload_step_by_step(bound: int, blocks: bool) -> None:
+    history = _shifting_history(seed=bound + 10 * blocks)
+    gen = torch.Generator().manual_seed(bound)
+    detector, seen, cuts = ShiftDetector(bound, 1.5), 0, 0
+    while seen < len(history):
+        # Several steps at once as the simulator catches up after an async move, more than the bound too.
+        n = int(torch.randint(1, bound + 3, (1,), generator=gen)) if blocks else 1
+        got = detector.push(history[seen : seen + n])
+        seen = min(seen + n, len(history))
+        recent = history[max(0, seen - bound) : seen]  # shorter than the bound at the start
+        assert got == same_workload(recent, 1.5) == _reference_run(recent, 1.5), f"step {seen}"
+        cuts += got < len(recent)
+    assert bound < 3 or cuts > 2  # the shifts cut the window
 
 
 def _no_plan(*args, **kwargs):

@@ -3,7 +3,7 @@ import torch
 
 import eplb
 from eplb.errors import EplbError
-from eplb.planning.online import same_workload
+from eplb.planning.online import OnlineConfig, current_workload, same_workload
 from eplb.simulation import Action, CostModel, Online, Periodic, SimResult, StepOracle, build, simulate
 from tests.simulation.helpers import CLUSTER, phase_loads, small_scenario, write_fixture_table
 
@@ -126,6 +126,26 @@ def test_a_policy_returning_garbage_is_named():
 def test_the_time_model_refuses_to_run_without_a_table(tmp_path):
     with pytest.raises(EplbError, match="bench_gemm_cost.py"):
         simulate(small_scenario(steps=2), ["static"], **CLUSTER, cost=CostModel(table=str(tmp_path / "none.json")))
+
+
+def test_the_policy_sees_the_runs_current_workload_finds(monkeypatch):
+    calls = []
+    follow = Online._workload_run
+
+    def checked(self, history):
+        run = follow(self, history)
+        calls.append((history.count, run, len(current_workload(history.recent(self.config.window), self.config))))
+        return run
+
+    monkeypatch.setattr(Online, "_workload_run", checked)
+    sc = build(phase_loads(3, seed=5), steps_per_phase=15, tokens_per_step=1000, top_k=2, seed=1)
+    policy = Online(OnlineConfig(window=6, max_moves=4, min_gain=0.0, algorithm="deepseek"), latency_steps=2,
+                    layers_per_step=1)
+    simulate(sc, [policy], **CLUSTER)
+    assert [run for _, run, _ in calls] == [expected for _, _, expected in calls]
+    # Shifts cut the run, and async moves in flight skip steps the detector then catches up on.
+    assert any(run < min(count, 6) for count, run, _ in calls)
+    assert len(calls) < 44
 
 
 def test_policies_are_copied_per_run():

@@ -128,30 +128,85 @@ def lower_bound_max_over_mean(history: torch.Tensor, num_gpus: int, num_slots: i
     return float(ratio[loaded].mean()) if bool(loaded.any()) else 1.0
 
 
+def _mean_over_layers(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, tv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _distance(share: torch.Tensor, other: torch.Tensor, mask: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Total variation between expert shares ``share [..., L, E]`` and ``other``, mean over the layers
+    ``mask [..., L]`` marks loaded; ``out``: a scratch tensor of the difference's shape (spares an allocation)."""
+    return _mean_over_layers(0.5 * torch.sub(share, other, out=out).abs_().sum(-1), mask)
+
+
+class ShiftDetector:
+    """``same_workload`` over a sliding window, step by step: each step's expert shares, loaded layers and
+    distance to the step before are kept as the steps arrive, so a new step costs one pass over the window
+    (the distances to the newest step) instead of re-scoring it. It makes the same float64 arithmetic on the
+    same values as ``same_workload`` (which runs one), so the two give the same run length.
+
+    Args:
+        bound: the most recent steps looked at (``OnlineConfig.window``).
+        noise: ``OnlineConfig.shift_noise``.
+    """
+
+    def __init__(self, bound: int, noise: float) -> None:
+        self.bound, self.noise = bound, noise
+        self.count = 0  # steps pushed since the last reset
+        self._share: torch.Tensor | None = None  # [bound, L, E] ring of shares, step k in row k % bound
+        self._loaded: torch.Tensor | None = None  # [bound, L] ring of loaded layers
+        self._scratch: torch.Tensor | None = None  # [bound, L, E] for the distances to the newest step
+        self._step = [0.0] * bound  # each row's distance to the step before it
+
+    def push(self, steps: torch.Tensor) -> int:
+        """Append ``steps [n, L, E]`` (loads, oldest first; n >= 1) and return how many of the newest
+        ``bound`` steps look like one workload: ``same_workload`` of them."""
+        steps = steps[-self.bound :]
+        n, cap = steps.shape[0], self.bound
+        total = steps.sum(-1, keepdim=True)
+        share = steps / total.clamp(min=1e-300)
+        loaded = total.squeeze(-1) > 0  # [n, L]
+        if n == cap or self._share is None or self._share.shape[1:] != share.shape[1:] \
+                or self._share.dtype != share.dtype:
+            # The block fills the window: no step before it counts.
+            self.count = 0
+            self._share = torch.empty(cap, *share.shape[1:], dtype=share.dtype)
+            self._loaded = torch.empty(cap, share.shape[1], dtype=torch.bool)
+            self._scratch = torch.empty_like(self._share)
+        step = _distance(share[1:], share[:-1], loaded[1:] & loaded[:-1]).tolist()
+        if self.count:
+            prev = (self.count - 1) % cap
+            step.insert(0, float(_distance(share[0], self._share[prev], loaded[0] & self._loaded[prev])))
+        else:
+            step.insert(0, 0.0)  # no step before: never read, it is the oldest in the window
+        for i in range(n):
+            row = (self.count + i) % cap
+            self._share[row], self._loaded[row], self._step[row] = share[i], loaded[i], step[i]
+        self.count += n
+        rows, newest = min(self.count, cap), (self.count - 1) % cap
+        distance = _distance(self._share[:rows], self._share[newest], self._loaded[:rows], self._scratch[:rows])
+        distance = distance.tolist()
+        # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
+        # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
+        spread = steps[-1].sqrt().sum(-1) / total[-1, :, 0].clamp(min=1e-300) / math.sqrt(math.pi)
+        scale = float(_mean_over_layers(spread, loaded[-1]))
+        if rows > 2:
+            # The window's step-to-step distances: every row's but the oldest's; the lower median, as torch's.
+            oldest = (self.count - rows) % cap
+            between = sorted(d for row, d in enumerate(self._step[:rows]) if row != oldest)
+            scale = max(scale, between[(len(between) - 1) // 2])
+        limit = self.noise * max(scale, 1e-12)
+        ages = [(newest - row) % cap for row, d in enumerate(distance) if d > limit]  # steps after each one
+        return min(ages, default=rows)
+
+
 def same_workload(recent: torch.Tensor, noise: float) -> int:
     """How many of the newest windows of ``recent [T, L, E]`` look like one workload: those whose expert shares
     are within ``noise`` times the usual window-to-window difference of the newest window's (total variation,
     mean over loaded layers). The usual difference is the larger of the sampling noise and the median
     difference between consecutive windows, so that real traffic, which moves more than sampling explains,
-    is not cut at every window."""
-    total = recent.sum(-1, keepdim=True)
-    share = recent / total.clamp(min=1e-300)
-    loaded = total.squeeze(-1) > 0  # [T, L]
-
-    def mean_over_layers(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, tv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
-
-    distance = mean_over_layers(0.5 * (share - share[-1]).abs().sum(-1), loaded)  # [T]
-    # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
-    # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
-    newest = recent[-1]
-    spread = newest.sqrt().sum(-1) / total[-1, :, 0].clamp(min=1e-300) / math.sqrt(math.pi)
-    scale = float(mean_over_layers(spread, loaded[-1]))
-    if recent.shape[0] > 2:
-        steps = mean_over_layers(0.5 * (share[1:] - share[:-1]).abs().sum(-1), loaded[1:] & loaded[:-1])
-        scale = max(scale, float(steps.median()))
-    outside = (distance > noise * max(scale, 1e-12)).nonzero().flatten()
-    return recent.shape[0] - (int(outside[-1]) + 1 if outside.numel() else 0)
+    is not cut at every window. ``ShiftDetector`` gives the same step by step."""
+    return ShiftDetector(recent.shape[0], noise).push(recent)
 
 
 def current_workload(history: torch.Tensor, config: OnlineConfig) -> torch.Tensor:

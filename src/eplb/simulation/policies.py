@@ -26,7 +26,7 @@ import eplb
 from eplb.cluster import Cluster, require_choice, require_count
 from eplb.errors import EplbError
 from eplb.placement import Placement
-from eplb.planning.online import OnlineConfig, current_workload, decide, predicted_max_over_mean
+from eplb.planning.online import OnlineConfig, ShiftDetector, decide, predicted_max_over_mean
 from eplb.simulation.scenarios import Scenario
 
 MODES = ("free", "sync", "async")
@@ -85,11 +85,14 @@ class History:
             self.count += 1
 
     def recent(self, steps: int) -> torch.Tensor:
-        """``[min(steps, seen), L, E]``: the last ``steps`` observed steps, oldest first."""
+        """``[min(steps, seen), L, E]``: the last ``steps`` observed steps, oldest first. A view of the ring
+        when they lie in one piece of it (no copy): valid until the next ``push``."""
         cap = self._ring.shape[0]
         n = min(steps, self.count, cap)
-        idx = torch.arange(self.count - n, self.count) % cap
-        return self._ring[idx]
+        first = (self.count - n) % cap
+        if first + n <= cap:
+            return self._ring[first : first + n]
+        return torch.cat([self._ring[first:], self._ring[: first + n - cap]])
 
 
 @dataclass
@@ -170,10 +173,11 @@ class Online:
     after ``latency_steps``, largest gain first, ``layers_per_step`` layers per step.
 
     This policy only chooses when to call ``decide``: planning is the expensive part, so it runs only when the
-    answer can have changed: when the current workload's run of steps (``current_workload``) restarts (a
-    shift), when it has doubled in length since the last decision (more steps: a less noisy plan), after each
-    move has landed, and, once settled on a full window, when the serving placement's max/mean on it has
-    drifted up by ``min_gain / 2`` since the last decision (checked every ``window / 4`` steps).
+    answer can have changed: when the current workload's run of steps (``current_workload``, followed step by
+    step with a ``ShiftDetector``) restarts (a shift), when it has doubled in length since the last decision
+    (more steps: a less noisy plan), after each move has landed, and, once settled on a full window, when the
+    serving placement's max/mean on it has drifted up by ``min_gain / 2`` since the last decision (checked
+    every ``window / 4`` steps).
 
     Args:
         config: window, max_moves, min_gain, algorithm, num_groups, shift_noise, min_windows (``OnlineConfig``;
@@ -193,13 +197,26 @@ class Online:
     _moved: bool = field(default=False, init=False, repr=False)
     _checked: int = field(default=0, init=False, repr=False)
     _before: float = field(default=float("inf"), init=False, repr=False)
+    _detector: ShiftDetector | None = field(default=None, init=False, repr=False)
+    _history: History | None = field(default=None, init=False, repr=False)
+    _seen: int = field(default=0, init=False, repr=False)
+
+    def _workload_run(self, history: History) -> int:
+        """The current workload's run of steps among the last ``window``: the steps ``current_workload`` keeps."""
+        window, noise = self.config.window, self.config.shift_noise
+        if history is not self._history or history.count < self._seen:  # a new simulation
+            self._history, self._seen = history, 0
+            self._detector = None if noise is None else ShiftDetector(window, noise)
+        new, self._seen = history.count - self._seen, history.count
+        if self._detector is None:
+            return min(history.count, window)
+        # The simulator records every step, also those the policy is not called on (its ring holds a window).
+        return self._detector.push(history.recent(min(new, window))) if new else self._run
 
     def __call__(self, t: int, ctx: Context) -> Action | None:
-        recent = ctx.history.recent(self.config.window)
-        if recent.shape[0] == 0:
+        if ctx.history.count == 0:
             return None
-        steps = current_workload(recent, self.config)
-        run = steps.shape[0]
+        run = self._workload_run(ctx.history)
         if run < self._run:  # a shift: the new workload's steps start over
             self._decided_at = 0
         self._run = run
@@ -208,7 +225,8 @@ class Online:
         drift_check = run >= self.config.window and t - self._checked >= max(1, self.config.window // 4)
         if not (self._moved or grown or drift_check):
             return None
-        before = predicted_max_over_mean(ctx.serving, steps)
+        recent = ctx.history.recent(self.config.window)
+        before = predicted_max_over_mean(ctx.serving, recent[recent.shape[0] - run :])
         self._checked = t
         if not (self._moved or grown) and before <= self._before * (1 + self.config.min_gain / 2):
             return None

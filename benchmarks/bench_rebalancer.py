@@ -132,9 +132,9 @@ def main() -> None:
         if rb is None:
             return out, {}
         rb.close()
-        ms = lambda seconds: [round(t * 1e3, 2) for t in seconds]  # noqa: E731
         return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
-                     "rebalancer_step_host_ms": ms(host), "table_switch_host_ms": ms(switches),
+                     "rebalancer_step_host_ms": [round(t * 1e3, 2) for t in host],
+                     "table_switch_host_ms": [round(t * 1e3, 2) for t in switches],
                      "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None}
 
     if args.touch_target:

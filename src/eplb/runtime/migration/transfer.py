@@ -70,9 +70,11 @@ def _pack(
     if not slots:
         return
     sums = _sums(out, layout)
+    # One index for every tensor: each host-to-device copy of it waits for the stream's queued kernels.
+    index = copy_index(range(len(slots)), slots, out.device)
     for t, (seg, src) in enumerate(zip(layout.segments, src_rows, strict=True)):
         dst = out[:, seg.offset : seg.offset + seg.nbytes]
-        copy_rows(dst, range(len(slots)), src, slots, sums[:, t] if verify else None, backend)
+        copy_rows(dst, range(len(slots)), src, slots, sums[:, t] if verify else None, backend, index=index)
 
 
 def copy_rows(

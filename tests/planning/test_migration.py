@@ -308,3 +308,39 @@ def test_real_load_shift_is_mostly_fixed_by_few_moves(real_data):
     ideal_gain = score(current) - score(eplb.plan(new, **spec))
     # Eight moves of 288 slots buy more than half of what a full replan buys.
     assert score(current) - score(budgeted) > 0.5 * ideal_gain
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_greedy_candidates_score_every_move_as_applying_it_does(shape, make_load):
+    # The greedy scores its candidates from deltas, and the sums of squares only for the layers that ask;
+    # both must be what applying the move gives, and a layer's sums must not depend on which others ask.
+    from eplb.planning.migration.budget import _candidates, _State, _with_empty_id
+
+    current, load, spec = case(shape, 7, make_load)
+    num_experts, num_gpus = current.num_experts, spec["num_gpus"]
+    weight = torch.cat([load, load.new_zeros(load.shape[0], 1)], dim=1)
+    row = _with_empty_id(current.phy2log, num_experts)
+    origin = row.clone()
+    origin[:, :3] = num_experts  # some slots already changed, so some moves are free
+    state = _State.of(row, weight, num_gpus)
+    moves = _candidates(state, origin, [torch.empty(0, dtype=torch.float64)])
+    squares = moves.squares(torch.arange(row.shape[0]))
+    assert torch.equal(moves.squares(torch.tensor([3, 1])), squares[[3, 1]])
+    num_candidates = moves.cost.shape[1]
+    layers = torch.arange(row.shape[0]).repeat_interleave(num_candidates)
+    slot_a, value_a, slot_b, value_b = moves.decode(layers, torch.arange(num_candidates).repeat(row.shape[0]))
+    checked = 0
+    for i, layer in enumerate(layers.tolist()):
+        if not bool(moves.valid.flatten()[i]):
+            continue
+        moved = row[layer].clone()
+        moved[slot_a[i]], moved[slot_b[i]] = value_a[i], value_b[i]
+        count = torch.zeros(num_experts + 1, dtype=torch.float64).scatter_add_(0, moved, torch.ones(moved.shape[0],
+                                                                                                 dtype=torch.float64))
+        gpu = (weight[layer] / count.clamp(min=1))[moved].view(num_gpus, -1).sum(1)
+        cost = int((moved != origin[layer]).sum() - (row[layer] != origin[layer]).sum())
+        assert int(moves.cost.flatten()[i]) == cost
+        assert float(moves.new_max.flatten()[i]) == pytest.approx(float(gpu.max()), rel=1e-9)
+        assert float(squares.flatten()[i]) == pytest.approx(float((gpu**2).sum()), rel=1e-9)
+        checked += 1
+    assert checked > 10

@@ -82,3 +82,40 @@ def test_bad_scenario_input_gets_one_clear_error(kwargs, match):
 def test_step_range_outside_the_scenario_is_an_error():
     with pytest.raises(EplbError, match="outside"):
         small_scenario().steps(0, 1000)
+
+
+def _former_sample(sc, step: int) -> torch.Tensor:
+    """One step as the sampler drew it with numpy's along-axis helpers (before its flat-index rewrite)."""
+    import numpy as np
+
+    row = int(sc.index[step])
+    expected = sc.expected[row]
+    total = expected.sum(-1, keepdim=True)
+    pi = inclusion(expected / torch.where(total > 0, total, 1.0), sc.top_k).numpy()
+    rng = np.random.default_rng([sc.seed, step])
+    order = np.argsort(rng.random(pi.shape), axis=-1)
+    cum = np.cumsum(np.take_along_axis(pi, order, -1), -1)
+    whole = np.floor(cum)
+    frac = cum - whole
+    by_cut = np.argsort(frac, axis=-1)
+    gaps = np.diff(np.take_along_axis(frac, by_cut, -1), prepend=0.0, append=1.0, axis=-1).clip(min=0.0)
+    hits = rng.multinomial(sc.tokens_per_step, gaps / gaps.sum(-1, keepdims=True))
+    at = np.empty_like(frac)
+    np.put_along_axis(at, by_cut, np.cumsum(hits, -1)[..., :-1], -1)
+    out = np.empty_like(frac)
+    np.put_along_axis(out, order, np.diff(whole * sc.tokens_per_step + at, prepend=0.0, axis=-1), -1)
+    out[(total.squeeze(-1) == 0).numpy()] = 0.0
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_sampler_draws_exactly_what_the_along_axis_formula_drew(top_k):
+    # Capped experts (pi = 1) give tied cut points; a zero layer samples nothing.
+    loads = [load.clone() for load in phase_loads(2, layers=3, experts=16, seed=top_k)]
+    loads[0][:, 0] = 1e6
+    loads[1][1] = 0.0
+    sc = build(loads, steps_per_phase=[4, 5], tokens_per_step=700, top_k=top_k, switch="gradual", ramp_steps=2,
+               seed=11)
+    drawn = sc.steps(2, 9)
+    for i, step in enumerate(range(2, 9)):
+        assert torch.equal(drawn[i], _former_sample(sc, step)), step

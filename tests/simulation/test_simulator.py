@@ -182,3 +182,20 @@ def test_bad_layers_per_step_is_named():
     sc = small_scenario(steps=2)
     with pytest.raises(EplbError, match="layers_per_step"):
         Action(eplb.plan(sc.expected[0], **CLUSTER), mode="async", layers_per_step="all")
+
+
+def test_serving_gpu_loads_kept_per_step_equal_the_window_computed_at_once():
+    from eplb.simulation.policies import History, _GpuLoads
+
+    g = torch.Generator().manual_seed(3)
+    steps = torch.rand(40, 2, 16, generator=g, dtype=torch.float64) * 100
+    steps[7, 1] = 0.0  # a layer without load
+    placements = [eplb.plan(steps[i], **CLUSTER, algorithm="deepseek") for i in (0, 20)]
+    history = History(8, 2, 16)
+    kept = _GpuLoads(placements[0], 6)
+    for t in range(40):
+        history.push(steps[t : t + 1])
+        if t == 20:
+            kept = _GpuLoads(placements[1], 6)
+        for n in {1, min(3, t + 1), min(6, t + 1)}:  # longer, shorter, repeated windows; kept and new steps
+            assert torch.equal(kept.last(history, n), kept.placement.gpu_load(history.recent(n)))

@@ -173,7 +173,7 @@ class ShiftDetector:
             self._share = torch.empty(cap, *share.shape[1:], dtype=share.dtype)
             self._loaded = torch.empty(cap, share.shape[1], dtype=torch.bool)
             self._scratch = torch.empty_like(self._share)
-        step = _distance(share[1:], share[:-1], loaded[1:] & loaded[:-1]).tolist()
+        step = _distance(share[1:], share[:-1], loaded[1:] & loaded[:-1]).tolist() if n > 1 else []
         if self.count:
             prev = (self.count - 1) % cap
             step.insert(0, float(_distance(share[0], self._share[prev], loaded[0] & self._loaded[prev])))

@@ -25,8 +25,9 @@ import torch
 import eplb
 from eplb.cluster import Cluster, require_choice, require_count
 from eplb.errors import EplbError
+from eplb.metrics import mean_max_over_mean
 from eplb.placement import Placement
-from eplb.planning.online import OnlineConfig, ShiftDetector, decide, predicted_max_over_mean
+from eplb.planning.online import OnlineConfig, ShiftDetector, decide
 from eplb.simulation.scenarios import Scenario
 
 MODES = ("free", "sync", "async")
@@ -93,6 +94,34 @@ class History:
         if first + n <= cap:
             return self._ring[first : first + n]
         return torch.cat([self._ring[first:], self._ring[: first + n - cap]])
+
+
+class _GpuLoads:
+    """One placement's GPU loads on the newest recorded steps, each step computed once: the policy scores the
+    serving placement on its window every few steps, and only the steps recorded since the last time are new
+    (``Placement.gpu_load`` is the same arithmetic on each step whether it gets one step or many).
+
+    Args:
+        placement: the placement scored.
+        capacity: the most steps asked for at once.
+    """
+
+    def __init__(self, placement: Placement, capacity: int) -> None:
+        self.placement = placement
+        self._ring = torch.empty(capacity, placement.num_layers, placement.num_gpus, dtype=torch.float64)
+        self._held = [-1] * capacity  # the step (0: the first recorded) whose loads each row holds
+
+    def last(self, history: History, steps: int) -> torch.Tensor:
+        """``[steps, L, G]``: the GPU loads of the last ``steps`` steps of ``history`` (at most ``capacity``)."""
+        cap, first = len(self._held), history.count - steps
+        todo = [s for s in range(first, history.count) if self._held[s % cap] != s]
+        if todo:
+            loads = history.recent(history.count - todo[0])
+            gpu = self.placement.gpu_load(loads[torch.tensor(todo) - todo[0]])
+            self._ring[torch.tensor([s % cap for s in todo])] = gpu
+            for s in todo:
+                self._held[s % cap] = s
+        return self._ring[torch.tensor([s % cap for s in range(first, history.count)], dtype=torch.int64)]
 
 
 @dataclass
@@ -200,12 +229,13 @@ class Online:
     _detector: ShiftDetector | None = field(default=None, init=False, repr=False)
     _history: History | None = field(default=None, init=False, repr=False)
     _seen: int = field(default=0, init=False, repr=False)
+    _serving: _GpuLoads | None = field(default=None, init=False, repr=False)
 
     def _workload_run(self, history: History) -> int:
         """The current workload's run of steps among the last ``window``: the steps ``current_workload`` keeps."""
         window, noise = self.config.window, self.config.shift_noise
         if history is not self._history or history.count < self._seen:  # a new simulation
-            self._history, self._seen = history, 0
+            self._history, self._seen, self._serving = history, 0, None
             self._detector = None if noise is None else ShiftDetector(window, noise)
         new, self._seen = history.count - self._seen, history.count
         if self._detector is None:
@@ -225,13 +255,15 @@ class Online:
         drift_check = run >= self.config.window and t - self._checked >= max(1, self.config.window // 4)
         if not (self._moved or grown or drift_check):
             return None
-        recent = ctx.history.recent(self.config.window)
-        before = predicted_max_over_mean(ctx.serving, recent[recent.shape[0] - run :])
+        if self._serving is None or self._serving.placement is not ctx.serving:
+            self._serving = _GpuLoads(ctx.serving, self.config.window)
+        # predicted_max_over_mean of the serving placement on the run, its steps' GPU loads computed once.
+        before = mean_max_over_mean(self._serving.last(ctx.history, run))
         self._checked = t
         if not (self._moved or grown) and before <= self._before * (1 + self.config.min_gain / 2):
             return None
         self._decided_at, self._moved, self._before = run, False, before
-        decision = decide(recent, ctx.serving, self.config)
+        decision = decide(ctx.history.recent(self.config.window), ctx.serving, self.config)
         ctx.plan_calls += int(decision.planned)
         if not decision.act:
             return None

@@ -133,25 +133,36 @@ def _sample(expected: torch.Tensor, rows: torch.Tensor, tokens: int, top_k: int,
     total = expected[uniq].sum(-1, keepdim=True)
     pi = inclusion(expected[uniq] / torch.where(total > 0, total, 1.0), top_k).numpy()  # once per row
     unloaded = (total.squeeze(-1) == 0).numpy()
-    out = np.empty((rows.numel(), *pi.shape[1:]))
+    num_layers, num_experts = pi.shape[1:]
+    out = np.empty((rows.numel(), num_layers * num_experts))
+    # Per-layer orders as indices into the flattened [L * E] arrays: one 1-D take or put each, much cheaper
+    # than numpy's along-axis helpers on these small rows.
+    offset = np.arange(0, num_layers * num_experts, num_experts)[:, None]
+    cuts = np.empty((num_layers, num_experts + 2))  # 0, each layer's cut points in order, 1
+    cuts[:, 0], cuts[:, -1] = 0.0, 1.0
+    reach = np.empty((num_layers, num_experts + 1))  # 0, then the picks up to the end of each stretch
+    reach[:, 0] = 0.0
     for i, k in enumerate(inverse.tolist()):
         rng = np.random.default_rng([seed, start + i])
         # A random order of the experts per layer; each expert's stretch of the cumulative pi ends at a cut
         # point in [0, 1) after ``whole`` full turns.
-        order = np.argsort(rng.random(pi.shape[1:]), axis=-1)
-        cum = np.cumsum(np.take_along_axis(pi[k], order, -1), -1)
+        order = np.argsort(rng.random((num_layers, num_experts)), axis=-1)
+        order += offset
+        cum = np.cumsum(pi[k].ravel()[order], -1)
         whole = np.floor(cum)
         frac = cum - whole
         by_cut = np.argsort(frac, axis=-1)
-        gaps = np.diff(np.take_along_axis(frac, by_cut, -1), prepend=0.0, append=1.0, axis=-1).clip(min=0.0)
+        by_cut += offset
+        cuts[:, 1:-1] = frac.ravel()[by_cut]
+        gaps = np.diff(cuts, axis=-1).clip(min=0.0)
         # How many of the tokens' uniforms fall between consecutive cut points.
         hits = rng.multinomial(tokens, gaps / gaps.sum(-1, keepdims=True))
-        at = np.empty_like(frac)  # uniforms below each expert's cut
-        np.put_along_axis(at, by_cut, np.cumsum(hits, -1)[..., :-1], -1)
-        reach = whole * tokens + at  # picks up to the end of each expert's stretch
-        np.put_along_axis(out[i], order, np.diff(reach, prepend=0.0, axis=-1), -1)  # back to expert order
-        out[i][unloaded[k]] = 0.0
-    return torch.from_numpy(out)
+        at = np.empty(num_layers * num_experts)  # uniforms below each expert's cut
+        at[by_cut] = np.cumsum(hits, -1)[:, :-1]
+        np.add(whole * tokens, at.reshape(num_layers, num_experts), out=reach[:, 1:])
+        out[i][order] = np.diff(reach, axis=-1)  # back to expert order
+        out[i].reshape(num_layers, num_experts)[unloaded[k]] = 0.0
+    return torch.from_numpy(out.reshape(rows.numel(), num_layers, num_experts))
 
 
 def _phase_load(spec: Any) -> tuple[str, torch.Tensor, list[int]]:

@@ -5,6 +5,7 @@ hottest GPU, batched over layers)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -107,7 +108,7 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
         moves = _candidates(state, origin[live], scratch)
         cost = moves.cost
         per_move = cost.clamp(min=1).to(torch.float64)
-        top, squares = state.top[:, None], state.squares[:, None]
+        top = state.top[:, None]
         lower_max = moves.valid & (moves.new_max < top * (1 - _RTOL))
         gain = torch.where(lower_max, (top - moves.new_max) / per_move, -torch.inf)
         # Free moves (re-changing a changed slot) come first, so that the path takes them before
@@ -120,9 +121,12 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
         # The branches below are computed only for the layers (if any) that take them.
         pick, moving = by_max, improves
         if not bool(improves.all()):
-            flatter = moves.valid & (moves.new_max <= top) & (moves.new_squares < squares * (1 - _RTOL))
-            flattest = torch.where(flatter, (squares - moves.new_squares) / per_move, -torch.inf).argmax(1)
-            pick, moving = torch.where(improves, by_max, flattest), improves | flatter.any(1)
+            # Only the layers where no move lowers the max need the sums of squares.
+            flat = (~improves).nonzero().squeeze(1)
+            new_squares, squares = moves.squares(flat), state.squares[flat, None]
+            flatter = moves.valid[flat] & (moves.new_max[flat] <= top[flat]) & (new_squares < squares * (1 - _RTOL))
+            flattest = torch.where(flatter, (squares - new_squares) / per_move[flat], -torch.inf).argmax(1)
+            pick, moving = by_max.index_put((flat,), flattest), improves.index_put((flat,), flatter.any(1))
         # The path ignores the budget, so that a larger budget never ends worse.
         on_path = moving & (used[live] + cost.gather(1, pick[:, None]).squeeze(1) <= max_moves)
         off_path = torch.zeros_like(on_path)
@@ -155,7 +159,7 @@ class _State(NamedTuple):
 
     row: torch.Tensor  # [L, P] phy2log, empty slots as id E
     weight: torch.Tensor  # [L, E + 1] expert loads
-    held: torch.Tensor  # [L, E + 1, G] float64 replicas of each expert on each GPU
+    held: torch.Tensor  # [L, E + 1, G] int32 replicas of each expert on each GPU (exact in any arithmetic)
     count: torch.Tensor  # [L, E + 1] replicas of each expert
     per_replica: torch.Tensor  # [L, E + 1] load of each replica
     spare: torch.Tensor  # [L, E + 1] experts that may give up a slot (another replica remains; or empty)
@@ -171,8 +175,9 @@ class _State(NamedTuple):
         width = weight.shape[1]
         per_gpu = num_slots // num_gpus
         slot_gpu = torch.arange(num_slots) // per_gpu
-        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.float64)
-        held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.float64))
+        # A narrow integer type: zeroing and copying rows of this [L, E + 1, G] table is much of a step.
+        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.int32)
+        held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.int32))
         count = torch.zeros_like(weight).scatter_add_(1, row, torch.ones_like(row, dtype=weight.dtype))
         per_replica = weight / count.clamp(min=1)
         gpu = gpu_totals(per_replica.gather(1, row), per_gpu)
@@ -204,12 +209,14 @@ class _Group(NamedTuple):
 
 class _Moves(NamedTuple):
     """Candidate moves, each ``[L, C]``: their cost (change in slots that differ from the origin), the
-    max and the sum of squared GPU loads after, and whether allowed; ``groups`` say what each one does."""
+    max GPU load after, and whether allowed; ``squares(layers)``: ``[n, C]`` the sum of squared GPU loads
+    after, for the batch's layers ``layers [n]`` only (few steps need it, for few layers); ``groups`` say
+    what each move does."""
 
     cost: torch.Tensor
     new_max: torch.Tensor
-    new_squares: torch.Tensor
     valid: torch.Tensor
+    squares: Callable[[torch.Tensor], torch.Tensor]
     groups: tuple[_Group, ...]
 
     def decode(self, layers: torch.Tensor, pick: torch.Tensor) -> list[torch.Tensor]:
@@ -264,27 +271,40 @@ def _candidates(state: _State, origin: torch.Tensor, scratch: list[torch.Tensor]
     num_light = light.indices.shape[1]
     groups.append(_Group(state.hot_slots.shape[1] * num_light, num_light,
                          ((state.hot_slots, 0), (light.indices, 1), (state.hot_slots, 0), (light.indices, 1))))
-    parts = [(*replicate, replicate_cost), (*replace, replace_cost)]
+    parts = [(*replicate[:2], replicate_cost), (*replace[:2], replace_cost)]
+    squares = [replicate[2], replace[2]]
     if state.gpu.shape[1] > 1:
-        *swaps, group = _swaps(state, origin)
+        *swaps, swap_squares, group = _swaps(state, origin)
         parts.append(tuple(swaps))
+        squares.append(swap_squares)
         groups.append(group)
-    new_max, squares, valid, cost = (torch.cat(column, 1) for column in zip(*map(_flat, parts), strict=True))
-    return _Moves(cost, new_max, squares, valid, tuple(groups))
+    new_max, valid, cost = (torch.cat(column, 1) for column in zip(*map(_flat, parts), strict=True))
+
+    def all_squares(layers: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(layers).flatten(1) for part in squares], 1)
+
+    return _Moves(cost, new_max, valid, all_squares, tuple(groups))
 
 
 def _flat(part: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Each tensor of ``part`` broadcast to their common ``[L, X, Y]`` and flattened to ``[L, X * Y]``."""
-    shape = torch.broadcast_shapes(*(t.shape for t in part))
+    shape = _broadcast(*(t.shape for t in part))
     return [t.expand(shape).reshape(shape[0], -1) for t in part]
+
+
+def _broadcast(*shapes: torch.Size) -> tuple[int, ...]:
+    """The broadcast of ``shapes`` that have one number of dimensions (``torch.broadcast_shapes`` takes
+    ~0.2 ms a call, as much as the tensor work of a small step)."""
+    return tuple(max(sizes) for sizes in zip(*shapes, strict=True))
 
 
 def _replacements(
     state: _State, slot: torch.Tensor, expert: torch.Tensor, allowed: torch.Tensor, scratch: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(max, sum of squares of the GPU loads after, allowed)``, each ``[L, X, Y]``, when every slot of
-    ``slot`` takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``); the ``[L, X, Y, G]``
-    loads go to the buffer ``scratch[0]`` (grown as needed).
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(max of the GPU loads after, allowed, squares)``, each ``[L, X, Y]``, when every slot of ``slot``
+    takes every expert of ``expert`` (shapes broadcast to ``[L, X, Y]``); ``squares(layers)``: ``[n, X, Y]``
+    the sum of squares of the GPU loads after, for the layers ``layers [n]``. The ``[L, X, Y, G]`` loads go
+    to the buffer ``scratch[0]`` (grown as needed).
 
     ``slot`` varies along one axis and ``expert`` along the other, so the GPU-load terms of each
     are computed once per axis and only their sum is ``[L, X, Y, G]``.
@@ -306,33 +326,41 @@ def _replacements(
     # All but the incoming replica; that one (gain >= 0) only adds to the slot's own GPU, so it
     # is added to that column's value instead of to a copy of the whole [L, X, Y, G] tensor.
     base = state.gpu[:, None, None, :] + new_side
-    full = torch.broadcast_shapes(base.shape, old_side.shape)
+    full = _broadcast(base.shape, old_side.shape)
     if scratch[0].numel() < math.prod(full):
         scratch[0] = torch.empty(math.prod(full), dtype=base.dtype)
     after = torch.add(base, old_side, out=scratch[0][: math.prod(full)].view(full))
     shape = after.shape[:3]
     at_slot_gpu = after.gather(3, gpu_of.expand(shape)[..., None]).squeeze(3)
     new_max = torch.maximum(after.amax(3), at_slot_gpu + gain)
-    squares = torch.linalg.vector_norm(after, dim=3) ** 2 + (2 * at_slot_gpu + gain) * gain
-    return new_max, squares, valid
+
+    def squares(layers: torch.Tensor) -> torch.Tensor:
+        # The same arithmetic as on the whole batch, on its layers ``layers`` (the buffer has moved on).
+        mine = torch.add(base[layers], old_side[layers])
+        return torch.linalg.vector_norm(mine, dim=3) ** 2 + (2 * at_slot_gpu[layers] + gain[layers]) * gain[layers]
+
+    return new_max, valid, squares
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[l, index[l, ...]]`` for every layer ``l`` (a ``[L, N]`` or ``[L, N, G]`` table).
 
-    A gather: much cheaper than advanced indexing for the many small lookups of a step.
+    A gather: much cheaper than advanced indexing for the many small lookups of a step; whole ``[G]`` rows
+    are copied as rows of the flattened table (a gather would read an index per value).
     """
     flat = index.reshape(index.shape[0], -1)
     if table.ndim == 3:
-        flat = flat[..., None].expand(-1, -1, table.shape[2])
-    return table.gather(1, flat).reshape(*index.shape, *table.shape[2:])
+        rows = flat + torch.arange(0, table.shape[0] * table.shape[1], table.shape[1])[:, None]
+        return table.flatten(0, 1).index_select(0, rows.flatten()).view(*index.shape, table.shape[2])
+    return table.gather(1, flat).reshape(index.shape)
 
 
 def _swaps(
     state: _State, origin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Group]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], _Group]:
     """A slot ``p`` of the hottest GPU and a slot ``q`` of one of the coolest GPUs trade experts:
-    ``(max, sum of squares of the GPU loads after, allowed, cost)`` (each ``[L, S, Q]``) and the group.
+    ``(max of the GPU loads after, allowed, cost)`` (each ``[L, S, Q]``), ``squares(layers)`` (the sum of
+    squares of the GPU loads after, ``[n, S, Q]`` for the layers ``layers [n]``) and the group.
 
     Replica counts do not change, so only the two GPUs' loads do. A swap lowers the max most
     with a cool partner, so only the ``_SWAP_PARTNERS`` coolest GPUs are tried.
@@ -365,8 +393,12 @@ def _swaps(
     top2 = others.topk(2, dim=1)
     rest = torch.where(top2.indices[:, None, :1] == q_gpu, top2.values[:, None, 1:], top2.values[:, None, :1])
     new_max = torch.maximum(rest, torch.maximum(new_hot, new_other))
-    squares = state.squares[:, None, None] - hot_load**2 - other_load**2 + new_hot**2 + new_other**2
+
+    def squares(layers: torch.Tensor) -> torch.Tensor:
+        return (state.squares[layers, None, None] - hot_load[layers] ** 2 - other_load[layers] ** 2
+                + new_hot[layers] ** 2 + new_other[layers] ** 2)
+
     cost = _changes(origin, row, p, b) + _changes(origin, row, q, a) * (q != p)
     group = _Group(per_gpu * q.shape[2], q.shape[2],
                    ((state.hot_slots, 0), (b[:, 0], 1), (q[:, 0], 1), (a[:, :, 0], 0)))
-    return new_max, squares, valid, cost, group
+    return new_max, valid, cost, squares, group

@@ -8,13 +8,16 @@ One process is a one-rank EP group, so every move is a local copy (staged, check
 one GPU is always balanced, so the rebalance is ordered with ``Rebalancer.move_to``: every redundant slot
 of every layer takes another expert (``--slots - --experts`` moves per layer); the multi-GPU transfers are
 measured on several GPUs (docs/benchmarks/multi_gpu.md). A step is the reference ``EPMoE`` forward of every
-layer on ``--tokens`` tokens plus ``recorder.step()`` and ``rebalancer.step()``, timed from one device sync
-to the next; async mode commits ``--layers-per-step`` layers per step.
+layer on ``--tokens`` tokens plus ``recorder.step()`` and ``rebalancer.step()``, timed from one sync of the
+serving stream to the next (the side stream's staging overlaps the next step, as in an engine); async mode
+commits ``--layers-per-step`` layers per step. Each step also records ``Probes`` (garbage collection, device
+allocations, Triton compilations, host time), which say what a slow step spent its time on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -50,6 +53,49 @@ def parse() -> argparse.Namespace:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _serving_sync(device: torch.device) -> None:
+    """The end of a serving step: the serving stream's work done (an engine never waits for the side stream,
+    whose staging overlaps the next forward pass)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class Probes:
+    """Per-step counters that tell a slow step's cause: Python's garbage collection (ms), device allocations
+    by the caching allocator (``cudaMalloc`` calls and out-of-memory retries, which free the cache), Triton
+    kernels compiled, and the host time of the step's launches and ``rebalancer.step()``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.gc_s, self._gc_start = device, 0.0, 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, _: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_start
+
+    def counters(self) -> tuple[float, int, int, int]:
+        stats = torch.cuda.memory_stats(self.device) if self.device.type == "cuda" else {}
+        return (self.gc_s, stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0), _compiled_kernels())
+
+    @staticmethod
+    def delta(before: tuple, after: tuple, host_s: float) -> dict:
+        return {"gc_ms": round((after[0] - before[0]) * 1e3, 2), "device_allocs": after[1] - before[1],
+                "alloc_retries": after[2] - before[2], "triton_compiles": after[3] - before[3],
+                "host_ms": round(host_s * 1e3, 2)}
+
+
+def _compiled_kernels() -> int:
+    """Kernel variants Triton has compiled in this process for the migration's kernels (0 without triton)."""
+    try:
+        from eplb.runtime.migration import checksums_triton as kernels
+    except ImportError:
+        return 0
+    jitted = (kernels._copy_rows_kernel, kernels._checksum_kernel)
+    return sum(len(cache[0]) for fn in jitted for cache in getattr(fn, "device_caches", {}).values())
 
 
 def main() -> None:
@@ -103,39 +149,45 @@ def main() -> None:
                 on_commit=switch)
         return layers, recorder, rb
 
+    probes = Probes(device)
+
     def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], dict]:
         """Per step: (seconds, whether a migration was in flight); and what the rebalancer did: slots moved,
         the host seconds of ``rb.step()`` in the migrating steps (before the device sync) and of each table
-        switch, and its phase seconds."""
+        switch, its phase seconds, and each step's ``Probes``."""
         switches: list[float] = []
         layers, recorder, rb = build(with_rebalancer, mode, switches)
         host: list[float] = []
+        probed: list[dict] = []
 
         def order(step: int) -> None:
             if rb is not None and step == args.steps // 2:
                 rb.move_to(target)
 
         def step(_: int) -> bool:
+            start, before = time.perf_counter(), probes.counters()
             for layer in layers:
                 layer(x)
             recorder.step()
-            if rb is None:
-                return False
-            busy = rb.migrating
-            clock = time.perf_counter()
-            rb.step()
-            if busy or rb.migrating:
-                host.append(time.perf_counter() - clock)
-            return busy or rb.migrating
+            busy = rb is not None and rb.migrating
+            if rb is not None:
+                clock = time.perf_counter()
+                rb.step()
+                if busy or rb.migrating:
+                    host.append(time.perf_counter() - clock)
+                busy = busy or rb.migrating
+            probed.append(Probes.delta(before, probes.counters(), time.perf_counter() - start))
+            return busy
 
-        out = timed_steps(step, args.steps, lambda: _sync(device), before=order)
+        out = timed_steps(step, args.steps, lambda: _serving_sync(device), before=order)
         if rb is None:
-            return out, {}
+            return out, {"probes": probed}
         rb.close()
         return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
                      "rebalancer_step_host_ms": [round(t * 1e3, 2) for t in host],
                      "table_switch_host_ms": [round(t * 1e3, 2) for t in switches],
-                     "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None}
+                     "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None,
+                     "probes": probed}
 
     if args.touch_target:
         layers, _, _ = build(False)
@@ -147,12 +199,15 @@ def main() -> None:
 
     rows = []
     for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
-        base, _ = run(False)
+        base, base_done = run(False)
         with_rb, done = run(True)
         busy = [round(t * 1e3, 2) for t, migrating in with_rb[2:] if migrating]
         row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]),
-               "bytes_per_expert": expert_bytes, "migrating_steps_ms": busy, **done}
-        print(row, flush=True)
+               "bytes_per_expert": expert_bytes, "migrating_steps_ms": busy,
+               "steps_ms_without": [round(t * 1e3, 2) for t, _ in base],
+               "steps_ms_with": [round(t * 1e3, 2) for t, _ in with_rb], "probes_without": base_done["probes"],
+               **done}
+        print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
         rows.append(row)
 
     # Sync mode: one whole rebalance inside one step; its copy rate against a plain device copy.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb import EplbError, plan
+from eplb import EplbError, Placement, plan
 from eplb.planning.online import OnlineConfig
-from eplb.runtime.migration import MigrationConfig
+from eplb.runtime.migration import ExpertWeights, MigrationConfig
 from eplb.runtime.rebalancer import Rebalancer, RebalancerConfig
 from eplb.runtime.recorder import ExpertLoadRecorder
 from tests.runtime.migration.harness import canonical, corrupted_slots, make_weights, spawn
@@ -167,3 +167,30 @@ def test_move_to_an_ordered_placement(mode: str) -> None:
     rb.close()
     assert torch.equal(rb.serving.phy2log, target.phy2log) and not rb.migrating
     assert rb.rebalances[-1].report.moves == int((start.phy2log != target.phy2log).sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_async_staging_stays_in_the_memory_the_warm_up_reserved() -> None:
+    # Every slot of every layer changes, so one layer's staging fills the whole reserve; the next layer's
+    # staging must wait for the commit that reads the last one instead of taking fresh device memory.
+    layers, experts = 3, 8
+    start = Placement(torch.arange(experts).repeat(layers, 1), experts, 1)
+    target = Placement((start.phy2log + 1) % experts, experts, 1)
+    slots = [torch.arange(experts, dtype=torch.float32, device="cuda")[:, None, None].repeat(1, 512, 1024)
+             for _ in range(layers)]  # 2 MB a slot, slot s holding the value s
+    recorder = ExpertLoadRecorder(layers, experts, window=4, device="cuda", backend="torch")
+    rb = Rebalancer(recorder, start, ExpertWeights([{"w": w} for w in slots]),
+                    config=RebalancerConfig(every=100, plan_lag=1))
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["num_device_alloc"]
+    rb.move_to(target)
+    while rb.migrating:
+        torch.cuda._sleep(50_000_000)  # the serving stream stays busy past each commit, as under a forward pass
+        recorder.step()
+        rb.step()
+    torch.cuda.synchronize()
+    rb.close()
+    assert torch.cuda.memory_stats()["num_device_alloc"] == allocations
+    for layer, w in enumerate(slots):
+        assert torch.equal(w[:, 0, 0].cpu(), target.phy2log[layer].float())

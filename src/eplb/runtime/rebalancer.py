@@ -136,7 +136,7 @@ class Rebalancer:
         # Migration runs on a thread of its own in async mode: its P2P ops get their own communicator.
         ranks = dist.get_process_group_ranks(group) if self.distributed and group is not None else None
         self._migration_group = dist.new_group(ranks) if self.distributed else None
-        self._stream = torch.cuda.Stream() if recorder.device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(recorder.device) if recorder.device.type == "cuda" else None
         self.history = torch.zeros(0, placement.num_layers, placement.num_experts, dtype=torch.float64)
         self.steps = 0
         self.last: RebalanceRecord | None = None  # the last decision, acted on or not
@@ -171,12 +171,14 @@ class Rebalancer:
         """Advance one forward pass: commit the migration step staged since the last call, start the
         next one, and decide every ``every`` steps. Every rank calls it at the same point of every step."""
         self.steps += 1
+        released = None
         if self._pending:
             self._finish_pending()
+            released = self._released()
         if self._plan is not None and self.steps >= self._plan[0]:
             self._land_decision()
         if self._queue and not self._pending:
-            self._start_next()
+            self._start_next(released)
         if self.steps % self.config.every == 0 and self._plan is None and not self.migrating:
             self._start_decision()
 
@@ -282,21 +284,36 @@ class Rebalancer:
 
     # Moving (async) --------------------------------------------------------------------------
 
-    def _start_next(self) -> None:
+    def _start_next(self, released: Any = None) -> None:
         """Stage up to ``layers_per_step`` migration steps of distinct layers, in queue order, on the mover
-        thread (a layer's later parts wait: each is planned on the row its earlier parts commit)."""
+        thread (a layer's later parts wait: each is planned on the row its earlier parts commit), once
+        ``released`` (the event ``_released`` returned, or None) has passed."""
         assert self._session is not None
         layers: set[int] = set()
         while self._queue and len(layers) < self.config.layers_per_step and self._queue[0][1].layer not in layers:
             index, part = self._queue.pop(0)
             layers.add(part.layer)
             step = Step(self.weights, part, index, self._session, self.config.migration, self._stream)
-            self._pending.append((step, self._mover.submit(self._device_call, step.prepare)))
+            self._pending.append((step, self._mover.submit(self._device_call, step.prepare, after=released)))
 
-    def _device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _released(self) -> Any:
+        """CUDA: an event on the serving stream after the commits that read the last staging rows, or None.
+
+        The allocator gives those rows to the next staging only once the commits ran; staging that
+        allocated before then would get fresh device memory (a ``cudaMalloc`` inside a serving step, and
+        staging memory twice the bound), so the mover waits for this event first."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _device_call(self, fn: Callable[..., Any], *args: Any, after: Any = None) -> Any:
         # The CUDA device is per thread: work on this rank's device, not device 0.
         if self._stream is not None:
             torch.cuda.set_device(self.recorder.device)
+        if after is not None:
+            after.synchronize()
         return fn(*args)
 
     def _finish_pending(self) -> None:

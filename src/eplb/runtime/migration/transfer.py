@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eplb.errors import EplbError
 from eplb.runtime.backend import use_triton
 from eplb.runtime.migration.checksums import checksum
 from eplb.runtime.migration.plan import LayerTransfers
@@ -249,10 +250,11 @@ def _post(ops: list[tuple[bool, torch.Tensor, int, int]], group: Any) -> list[An
 
 
 def warm_up(weights: ExpertWeights, rows: int, verify: bool, backend: str = "auto", stream: Any = None) -> None:
-    """Run a migration's kernels once per layer, on slot 0 (pack it into a staging row, checksum that, commit
-    it back onto itself: the same bytes), and leave ``rows`` staging rows of the widest layer in the
-    allocator's cache for ``stream``, so that the first rebalance does not pay for kernel compilation and
-    device allocations inside a serving step. Every registered byte keeps its value.
+    """Run a migration's kernels once per layer, on slot 0 (pack it into a staging row, check that row as
+    ``verify`` does, commit it back onto itself: the same bytes), and leave ``rows`` staging rows of the
+    widest layer in the allocator's cache for ``stream``, so that the first rebalance does not pay for kernel
+    compilation, module loading and device allocations inside a serving step. Every registered byte keeps
+    its value.
 
     Args:
         weights: this rank's registered weights.
@@ -267,9 +269,12 @@ def warm_up(weights: ExpertWeights, rows: int, verify: bool, backend: str = "aut
             layout, slot_rows = weights.layout(layer), weights.byte_rows(layer)
             row = torch.empty(1, layout.row_bytes, dtype=torch.uint8, device=weights.device)
             _pack(row, slot_rows, layout, [0], verify, backend)
+            # verify's own operations: each kernel's first launch in a process loads its module (CUDA's lazy
+            # loading), which stalls the device for milliseconds.
+            if verify and _mismatches(row, layout, backend):
+                raise EplbError(f"migration warm-up: layer {layer}'s slot 0 does not match its own checksums after a "
+                                "copy; the checksum backend is broken here, pass MigrationConfig(backend='torch')")
             for seg, dst in zip(layout.segments, slot_rows, strict=True):
-                if verify:
-                    checksum(row[:, seg.offset : seg.offset + seg.nbytes], backend)
                 copy_rows(dst, [0], row[:, seg.offset : seg.offset + seg.nbytes], [0], backend=backend)
         torch.empty(rows, weights.layout(widest).row_bytes, dtype=torch.uint8, device=weights.device)
     if stream is not None:
@@ -286,10 +291,7 @@ def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int,
     if staged.rows.shape[0] == 0:
         return
     with _stream_context(staged.stream):
-        got = torch.stack(
-            [checksum(staged.rows[:, s.offset : s.offset + s.nbytes], backend) for s in layout.segments], 1
-        )
-        bad = (got != _sums(staged.rows, layout)).nonzero().tolist()
+        bad = _mismatches(staged.rows, layout, backend)
     if bad:
         experts = {row: e for e, row in staged.row_of.items()}
         row, tensor = bad[0]
@@ -298,6 +300,13 @@ def verify(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int,
             f"expert {experts[row]} tensor {layout.segments[tensor].name!r} staged from rank {staged.sources[row]}",
             (rank, staged.sources[row]),
         )
+
+
+def _mismatches(rows: torch.Tensor, layout: RowLayout, backend: str) -> list[list[int]]:
+    """``[row, tensor]`` of every tensor of staged ``rows [R, row_bytes]`` whose checksum differs from the one
+    stored in its row (waits for the current stream)."""
+    got = torch.stack([checksum(rows[:, s.offset : s.offset + s.nbytes], backend) for s in layout.segments], 1)
+    return (got != _sums(rows, layout)).nonzero().tolist()
 
 
 def commit(weights: ExpertWeights, t: LayerTransfers, staged: Staged, rank: int, backend: str = "auto") -> None:

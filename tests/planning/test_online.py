@@ -172,6 +172,23 @@ def test_the_shift_detector_follows_same_workload_step_by_step(bound: int, block
     assert bound < 3 or cuts > 2  # the shifts cut the window
 
 
+def test_the_shift_detector_keeps_each_steps_distance_to_the_one_before_exactly() -> None:
+    # A step with every layer loaded reads it from the window's distances; one with a zero layer computes it.
+    from eplb.planning.online import _distance
+
+    history = _shifting_history(seed=4)
+    total = history.sum(-1, keepdim=True)
+    share, loaded = history / total.clamp(min=1e-300), total.squeeze(-1) > 0
+    detector = ShiftDetector(5, 1.5)
+    for t in range(len(history)):
+        detector.push(history[t : t + 1])
+        for back in range(min(t, 4)):  # every kept step but the oldest
+            s = t - back
+            expected = float(_distance(share[s], share[s - 1], loaded[s] & loaded[s - 1]))
+            assert detector._step[s % 5] == expected, (t, s)
+    assert not bool(loaded.all(-1).all()) and bool(loaded.all(-1).any())  # both ways were taken
+
+
 def _no_plan(*args, **kwargs):
     raise AssertionError("decide planned although the lower bound rules out the gain")
 

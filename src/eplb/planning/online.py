@@ -174,7 +174,10 @@ class ShiftDetector:
             self._loaded = torch.empty(cap, share.shape[1], dtype=torch.bool)
             self._scratch = torch.empty_like(self._share)
         step = _distance(share[1:], share[:-1], loaded[1:] & loaded[:-1]).tolist() if n > 1 else []
-        if self.count:
+        # One new step with every layer loaded: its distance to the step before is among the distances to
+        # the newest step below, the same numbers (|a - b| = |b - a|, the same layers), so it is read there.
+        from_window = n == 1 and self.count > 0 and bool(loaded[0].all())
+        if self.count and not from_window:
             prev = (self.count - 1) % cap
             step.insert(0, float(_distance(share[0], self._share[prev], loaded[0] & self._loaded[prev])))
         else:
@@ -186,6 +189,8 @@ class ShiftDetector:
         rows, newest = min(self.count, cap), (self.count - 1) % cap
         distance = _distance(self._share[:rows], self._share[newest], self._loaded[:rows], self._scratch[:rows])
         distance = distance.tolist()
+        if from_window:
+            self._step[newest] = distance[(newest - 1) % cap]
         # Two independent samples of counts x differ by about sum_e sqrt(x_e) / (sum x) / sqrt(pi) in total
         # variation (Poisson counts, E|X - Y| = 2 sigma / sqrt(pi)).
         spread = steps[-1].sqrt().sum(-1) / total[-1, :, 0].clamp(min=1e-300) / math.sqrt(math.pi)

@@ -101,10 +101,12 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
     origin, row, best = row, row.clone(), row.clone()
     used = torch.zeros(row.shape[0], dtype=torch.int64)
     live = torch.arange(row.shape[0])  # layers still on the greedy path
-    scratch = [torch.empty(0, dtype=torch.float64)]  # reused: a fresh big tensor every step costs page faults
+    # Reused buffers (the GPU loads after each replacement; the replica table): a fresh big tensor every step
+    # costs page faults.
+    scratch = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int32)]
     # Re-changing a slot already changed is free, so steps can outnumber moves; bound them anyway.
     for _ in range(2 * min(max_moves, row.shape[1])):
-        state = _State.of(row[live], weight[live], num_gpus)
+        state = _State.of(row[live], weight[live], num_gpus, scratch)
         moves = _candidates(state, origin[live], scratch)
         cost = moves.cost
         per_move = cost.clamp(min=1).to(torch.float64)
@@ -170,13 +172,22 @@ class _State(NamedTuple):
     hot_slots: torch.Tensor  # [L, S] its slots
 
     @classmethod
-    def of(cls, row: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> _State:
+    def of(cls, row: torch.Tensor, weight: torch.Tensor, num_gpus: int, scratch: list[torch.Tensor] | None = None
+           ) -> _State:
+        """The state of ``row [L, P]`` under ``weight [L, E + 1]``; ``scratch[1]``, if given, is a reusable
+        buffer for ``held`` (grown as needed)."""
         num_layers, num_slots = row.shape
         width = weight.shape[1]
         per_gpu = num_slots // num_gpus
         slot_gpu = torch.arange(num_slots) // per_gpu
-        # A narrow integer type: zeroing and copying rows of this [L, E + 1, G] table is much of a step.
-        held = torch.zeros(num_layers, width, num_gpus, dtype=torch.int32)
+        # A narrow integer type, in a reused buffer: zeroing this [L, E + 1, G] table is much of a step.
+        size = num_layers * width * num_gpus
+        if scratch is None or scratch[1].numel() < size:
+            held = torch.zeros(num_layers, width, num_gpus, dtype=torch.int32)
+            if scratch is not None:
+                scratch[1] = held.view(-1)
+        else:
+            held = scratch[1][:size].view(num_layers, width, num_gpus).zero_()
         held.view(num_layers, -1).scatter_add_(1, row * num_gpus + slot_gpu, torch.ones_like(row, dtype=torch.int32))
         count = torch.zeros_like(weight).scatter_add_(1, row, torch.ones_like(row, dtype=weight.dtype))
         per_replica = weight / count.clamp(min=1)
@@ -256,7 +267,7 @@ def _candidates(state: _State, origin: torch.Tensor, scratch: list[torch.Tensor]
     groups = [_Group(hot_experts.shape[1] * num_spare, num_spare,
                      ((spare_first, 1), (hot_experts, 0), (spare_first, 1), (hot_experts, 0)))]
     # Replace: a slot of the hottest GPU takes an expert that is light after one more replica.
-    on_hot = state.held.gather(2, state.hot[:, None, None].expand(-1, width, 1)).squeeze(2) > 0
+    on_hot = torch.zeros(row.shape[0], width, dtype=torch.bool).scatter_(1, hot_experts, True)
     lighter = torch.where(on_hot, torch.inf, state.weight / (state.count + 1))
     lighter[:, -1] = torch.inf  # the empty id is no expert to add
     light = lighter.topk(min(_LIGHT_CANDIDATES, width - 1), dim=1, largest=False)
@@ -330,8 +341,10 @@ def _replacements(
     if scratch[0].numel() < math.prod(full):
         scratch[0] = torch.empty(math.prod(full), dtype=base.dtype)
     after = torch.add(base, old_side, out=scratch[0][: math.prod(full)].view(full))
-    shape = after.shape[:3]
-    at_slot_gpu = after.gather(3, gpu_of.expand(shape)[..., None]).squeeze(3)
+    # The slot's own GPU in ``after``, added from the two small sides (the same sum; a gather from
+    # ``after`` would read a whole [L, X, Y, G] tensor's worth of cache lines).
+    at = gpu_of.expand(full[:3])[..., None]
+    at_slot_gpu = (base.expand(full).gather(3, at) + old_side.gather(3, gpu_of[..., None])).squeeze(3)
     new_max = torch.maximum(after.amax(3), at_slot_gpu + gain)
 
     def squares(layers: torch.Tensor) -> torch.Tensor:

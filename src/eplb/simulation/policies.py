@@ -112,16 +112,20 @@ class _GpuLoads:
         self._held = [-1] * capacity  # the step (0: the first recorded) whose loads each row holds
 
     def last(self, history: History, steps: int) -> torch.Tensor:
-        """``[steps, L, G]``: the GPU loads of the last ``steps`` steps of ``history`` (at most ``capacity``)."""
+        """``[steps, L, G]``: the GPU loads of the last ``steps`` steps of ``history`` (at most ``capacity``);
+        a view of the kept loads when they lie in one piece (valid until the next call)."""
         cap, first = len(self._held), history.count - steps
         todo = [s for s in range(first, history.count) if self._held[s % cap] != s]
         if todo:
             loads = history.recent(history.count - todo[0])
-            gpu = self.placement.gpu_load(loads[torch.tensor(todo) - todo[0]])
-            self._ring[torch.tensor([s % cap for s in todo])] = gpu
-            for s in todo:
-                self._held[s % cap] = s
-        return self._ring[torch.tensor([s % cap for s in range(first, history.count)], dtype=torch.int64)]
+            if len(todo) < loads.shape[0]:  # kept steps between them (the run grew back over kept steps)
+                loads = loads[torch.tensor(todo) - todo[0]]
+            for s, gpu in zip(todo, self.placement.gpu_load(loads), strict=True):
+                self._ring[s % cap], self._held[s % cap] = gpu, s
+        start, stop = first % cap, first % cap + steps
+        if stop <= cap:  # in one piece of the ring: a view
+            return self._ring[start:stop]
+        return torch.cat([self._ring[start:], self._ring[: stop - cap]])
 
 
 @dataclass

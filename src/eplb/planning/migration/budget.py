@@ -136,13 +136,15 @@ def _greedy_moves(row: torch.Tensor, weight: torch.Tensor, num_gpus: int, max_mo
             last_fit = lower_max & (used[live, None] + cost <= max_moves)
             off_path = ~on_path & last_fit.any(1)
             pick = torch.where(on_path, pick, torch.where(last_fit, gain, -torch.inf).argmax(1))
-        step = on_path | off_path
-        lowered = (on_path & improves) | off_path
-        slot_a, value_a, slot_b, value_b = moves.decode(step, pick[step])
-        row[live[step], slot_a] = value_a
-        row[live[step], slot_b] = value_b
-        used[live[step]] += cost[step].gather(1, pick[step, None]).squeeze(1)
-        best[live[lowered]] = row[live[lowered]]
+        stepping = (on_path | off_path).nonzero().squeeze(1)
+        chosen = pick[stepping]
+        slot_a, value_a, slot_b, value_b = moves.decode(stepping, chosen)
+        layers = live[stepping]
+        row[layers, slot_a] = value_a
+        row[layers, slot_b] = value_b
+        used[layers] += cost[stepping, chosen]
+        lowered = live[(on_path & improves) | off_path]
+        best[lowered] = row[lowered]
         live = live[on_path]
         if live.numel() == 0:
             break
@@ -231,8 +233,8 @@ class _Moves(NamedTuple):
     groups: tuple[_Group, ...]
 
     def decode(self, layers: torch.Tensor, pick: torch.Tensor) -> list[torch.Tensor]:
-        """``[slot_a, value_a, slot_b, value_b]``, each ``[N]``: the moves ``pick [N]`` of ``layers [N]``
-        (indices or a mask of the batch's layers)."""
+        """``[slot_a, value_a, slot_b, value_b]``, each ``[N]``: the moves ``pick [N]`` of the batch's layers
+        ``layers [N]`` (indices)."""
         out: list[torch.Tensor] = [torch.empty_like(pick) for _ in range(4)]
         start = 0
         for group in self.groups:
@@ -240,7 +242,7 @@ class _Moves(NamedTuple):
             mine = (pick >= start) & (pick < start + group.size)
             at = (local // group.width, local % group.width)
             for k, (table, axis) in enumerate(group.fields):
-                out[k] = torch.where(mine, table[layers].gather(1, at[axis][:, None]).squeeze(1), out[k])
+                out[k] = torch.where(mine, table[layers, at[axis]], out[k])
             start += group.size
         return out
 

@@ -199,3 +199,15 @@ def test_serving_gpu_loads_kept_per_step_equal_the_window_computed_at_once():
             kept = _GpuLoads(placements[1], 6)
         for n in {1, min(3, t + 1), min(6, t + 1)}:  # longer, shorter, repeated windows; kept and new steps
             assert torch.equal(kept.last(history, n), kept.placement.gpu_load(history.recent(n)))
+
+
+def test_steps_scored_without_ranks_give_the_same_balance():
+    from eplb.simulation.evaluation import evaluate_steps
+
+    sc = small_scenario(steps=3)
+    placement = eplb.plan(sc.expected[0], **CLUSTER, algorithm="deepseek")
+    full = evaluate_steps(placement, sc.load(), top_k=sc.top_k)
+    lean = evaluate_steps(placement, sc.load(), top_k=sc.top_k, ranks=False)
+    assert lean.rank_experts is None and full.rank_experts is not None
+    assert torch.equal(lean.layer_max_over_mean, full.layer_max_over_mean)
+    assert torch.equal(lean.rank_tokens, full.rank_tokens) and torch.equal(lean.loaded, full.loaded)

@@ -39,7 +39,7 @@ class StepMetrics:
     layer_max_over_mean: torch.Tensor  # [n, L]
     loaded: torch.Tensor  # [n, L] bool
     rank_tokens: torch.Tensor  # [n, L, G]
-    rank_experts: torch.Tensor  # [n, L, G]
+    rank_experts: torch.Tensor | None  # [n, L, G]; None when not asked for (see ``evaluate_steps``)
     layer_us: torch.Tensor | None = None  # [n, L]
     gemm_us: torch.Tensor | None = None  # [n]: the step's GEMM time, under which async copies hide
     ideal_us: torch.Tensor | None = None  # [n]
@@ -75,6 +75,7 @@ def evaluate_steps(
     cost: CostModel | None = None,
     split: torch.Tensor | None = None,
     waterfill: bool = False,
+    ranks: bool = True,
 ) -> StepMetrics:
     """Per-step numbers of ``placement`` on ``loads [n, L, E]``.
 
@@ -85,6 +86,8 @@ def evaluate_steps(
         cost: the time model, or None for balance only.
         split: ``[L, E, P]`` dispatch split (``split_matrix``); None: the even split.
         waterfill: spread the shared expert's tokens by the water level (else each rank runs its own).
+        ranks: count the activated experts per rank; without a cost model, False leaves ``rank_experts`` None
+            (a pass over every slot that a long balance-only replay does not need).
     """
     if split is None:
         slot = placement.slot_load(loads)  # [n, L, P]
@@ -92,10 +95,12 @@ def evaluate_steps(
         slot = torch.einsum("nle,lep->nlp", loads, split)
     spg = placement.slots_per_gpu
     tokens = gpu_totals(slot, spg)  # [n, L, G]
-    experts = gpu_totals((slot > 0).to(torch.float64), spg)
     peak, mean = tokens.amax(-1), tokens.mean(-1)
     loaded = peak > 0
     ratio = torch.where(loaded, peak / torch.where(loaded, mean, 1.0), 1.0)
+    if cost is None and not ranks:
+        return StepMetrics(ratio, loaded, tokens, None)
+    experts = gpu_totals((slot > 0).to(torch.float64), spg)
     if cost is None:
         return StepMetrics(ratio, loaded, tokens, experts)
     num_gpus = placement.num_gpus

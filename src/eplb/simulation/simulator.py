@@ -135,7 +135,8 @@ def simulate(
         for r, segs in zip(runners, segments, strict=True):
             for placement, split, a, b in segs:
                 r.parts.append(evaluation.evaluate_steps(placement, loads[a - start : b - start], top_k=scenario.top_k,
-                                                         cost=cost, split=split, waterfill=waterfill))
+                                                         cost=cost, split=split, waterfill=waterfill,
+                                                         ranks=keep_ranks))
         timing["evaluate_s"] += time.perf_counter() - tick
         if bar is not None:
             bar[0].update(bar[1], completed=stop)

@@ -189,6 +189,19 @@ def test_the_shift_detector_keeps_each_steps_distance_to_the_one_before_exactly(
     assert not bool(loaded.all(-1).all()) and bool(loaded.all(-1).any())  # both ways were taken
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_window_distances_taken_a_few_rows_at_a_time_equal_the_whole_stack(rows: int) -> None:
+    from eplb.planning.online import _distance, _distances
+
+    gen = torch.Generator().manual_seed(rows)
+    share = torch.rand(rows, 5, 33, generator=gen, dtype=torch.float64) ** 3
+    share /= share.sum(-1, keepdim=True)
+    mask = torch.rand(rows, 5, generator=gen) > 0.2
+    whole = _distance(share, share[-1], mask)
+    for k in (1, 2, 4):
+        assert torch.equal(_distances(share, share[-1], mask, torch.empty(k, 5, 33, dtype=torch.float64)), whole)
+
+
 def _no_plan(*args, **kwargs):
     raise AssertionError("decide planned although the lower bound rules out the gain")
 

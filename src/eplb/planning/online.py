@@ -132,11 +132,26 @@ def _mean_over_layers(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, tv, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def _distance(share: torch.Tensor, other: torch.Tensor, mask: torch.Tensor,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def _distance(share: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Total variation between expert shares ``share [..., L, E]`` and ``other``, mean over the layers
-    ``mask [..., L]`` marks loaded; ``out``: a scratch tensor of the difference's shape (spares an allocation)."""
-    return _mean_over_layers(0.5 * torch.sub(share, other, out=out).abs_().sum(-1), mask)
+    ``mask [..., L]`` marks loaded."""
+    return _mean_over_layers(0.5 * (share - other).abs().sum(-1), mask)
+
+
+# Rows of the window whose differences to the newest step are taken at a time: the whole window's
+# difference ([window, L, E]) does not stay in the cache between its subtraction and its sum.
+_ROWS_AT_ONCE = 4
+
+
+def _distances(share: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``_distance(share, other, mask)`` for a stack ``share [n, L, E]``, ``scratch.shape[0]`` rows at a time
+    through ``scratch [k, L, E]`` (the same numbers: each row's sum is its own)."""
+    sums = share.new_empty(share.shape[:-1])
+    k = scratch.shape[0]
+    for i in range(0, share.shape[0], k):
+        part = share[i : i + k]
+        torch.sum(torch.sub(part, other, out=scratch[: part.shape[0]]).abs_(), -1, out=sums[i : i + k])
+    return _mean_over_layers(0.5 * sums, mask)
 
 
 class ShiftDetector:
@@ -155,7 +170,7 @@ class ShiftDetector:
         self.count = 0  # steps pushed since the last reset
         self._share: torch.Tensor | None = None  # [bound, L, E] ring of shares, step k in row k % bound
         self._loaded: torch.Tensor | None = None  # [bound, L] ring of loaded layers
-        self._scratch: torch.Tensor | None = None  # [bound, L, E] for the distances to the newest step
+        self._scratch: torch.Tensor | None = None  # [_ROWS_AT_ONCE, L, E] for the distances to the newest step
         self._step = [0.0] * bound  # each row's distance to the step before it
 
     def push(self, steps: torch.Tensor) -> int:
@@ -172,7 +187,7 @@ class ShiftDetector:
             self.count = 0
             self._share = torch.empty(cap, *share.shape[1:], dtype=share.dtype)
             self._loaded = torch.empty(cap, share.shape[1], dtype=torch.bool)
-            self._scratch = torch.empty_like(self._share)
+            self._scratch = torch.empty(min(cap, _ROWS_AT_ONCE), *share.shape[1:], dtype=share.dtype)
         step = _distance(share[1:], share[:-1], loaded[1:] & loaded[:-1]).tolist() if n > 1 else []
         # One new step with every layer loaded: its distance to the step before is among the distances to
         # the newest step below, the same numbers (|a - b| = |b - a|, the same layers), so it is read there.
@@ -187,7 +202,7 @@ class ShiftDetector:
             self._share[row], self._loaded[row], self._step[row] = share[i], loaded[i], step[i]
         self.count += n
         rows, newest = min(self.count, cap), (self.count - 1) % cap
-        distance = _distance(self._share[:rows], self._share[newest], self._loaded[:rows], self._scratch[:rows])
+        distance = _distances(self._share[:rows], self._share[newest], self._loaded[:rows], self._scratch)
         distance = distance.tolist()
         if from_window:
             self._step[newest] = distance[(newest - 1) % cap]

@@ -192,3 +192,14 @@ def test_report_max_over_mean_and_layer_mean():
     assert report.max_over_mean.tolist() == [1.5, 1.0]
     assert report.layer_mean(torch.tensor([2.0, 7.0])) == 2.0  # the dense layer is left out
     assert report.summary()["max_over_mean"] == 1.5
+
+
+def test_replicas_needed_in_a_buffer_equal_the_per_expert_counts():
+    from eplb.metrics import _replicas_needed, _replicas_needed_per_expert
+
+    gen = torch.Generator().manual_seed(0)
+    load = torch.rand(6, 10, generator=gen, dtype=torch.float64) ** 3 * 50
+    t = torch.rand(6, 1, generator=gen, dtype=torch.float64) * 5
+    t[2], t[4] = 0.0, -1.0  # no threshold yet: one replica per expert
+    got = _replicas_needed(load, t, torch.empty_like(load))
+    assert torch.equal(got, _replicas_needed_per_expert(load, t).sum(1, keepdim=True))

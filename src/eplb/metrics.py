@@ -64,9 +64,10 @@ def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tens
     check_sizes(num_gpus, num_slots, num_experts=load.shape[1])
     lo = torch.zeros(load.shape[0], 1, dtype=torch.float64)
     hi = load.amax(dim=1, keepdim=True)
+    scratch = torch.empty_like(load)  # one [L, E] buffer for every round (a hot path of online planning)
     for _ in range(64):
         mid = (lo + hi) / 2
-        feasible = _replicas_needed(load, mid) <= num_slots
+        feasible = _replicas_needed(load, mid, scratch) <= num_slots
         hi = torch.where(feasible, mid, hi)
         lo = torch.where(feasible, lo, mid)
     counts = _replicas_needed_per_expert(load, hi)
@@ -80,8 +81,12 @@ def _replicas_needed_per_expert(load: torch.Tensor, t: torch.Tensor) -> torch.Te
     return torch.where(t > 0, need, 1.0)
 
 
-def _replicas_needed(load: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return _replicas_needed_per_expert(load, t).sum(1, keepdim=True)
+def _replicas_needed(load: torch.Tensor, t: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``_replicas_needed_per_expert(load, t).sum(1, keepdim=True)``, computed in ``scratch`` (like ``load``);
+    a row with ``t <= 0`` needs one replica per expert."""
+    positive = t > 0
+    need = torch.div(load, torch.where(positive, t, 1.0), out=scratch).ceil_().clamp_(min=1)
+    return torch.where(positive, need.sum(1, keepdim=True), float(load.shape[1]))
 
 
 def duplicates(placement: Placement) -> torch.Tensor:

@@ -171,9 +171,10 @@ def test_move_to_an_ordered_placement(mode: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_async_staging_stays_in_the_memory_the_warm_up_reserved() -> None:
-    # Every slot of every layer changes, so one layer's staging fills the whole reserve; the next layer's
-    # staging must wait for the commit that reads the last one instead of taking fresh device memory.
+def test_async_steps_neither_wait_for_the_serving_stream_nor_take_fresh_device_memory() -> None:
+    # Every slot of every layer changes, so one layer's staging fills the whole reserve: the next layer's
+    # staging must wait for the commit that reads the last one instead of taking fresh device memory. And
+    # step() must not wait for the forward passes queued on the serving stream (an engine runs ahead).
     layers, experts = 3, 8
     start = Placement(torch.arange(experts).repeat(layers, 1), experts, 1)
     target = Placement((start.phy2log + 1) % experts, experts, 1)
@@ -185,10 +186,13 @@ def test_async_staging_stays_in_the_memory_the_warm_up_reserved() -> None:
     torch.cuda.synchronize()
     allocations = torch.cuda.memory_stats()["num_device_alloc"]
     rb.move_to(target)
+    recorder.step()
+    rb.step()  # stages the first layer
     while rb.migrating:
-        torch.cuda._sleep(50_000_000)  # the serving stream stays busy past each commit, as under a forward pass
+        torch.cuda._sleep(50_000_000)  # a forward pass still running on the serving stream (~25 ms)
         recorder.step()
-        rb.step()
+        rb.step()  # commits a layer, stages the next
+        assert not torch.cuda.current_stream().query(), "step() waited for the serving stream"
     torch.cuda.synchronize()
     rb.close()
     assert torch.cuda.memory_stats()["num_device_alloc"] == allocations

@@ -142,7 +142,9 @@ class Rebalancer:
         self.last: RebalanceRecord | None = None  # the last decision, acted on or not
         self.rebalances: list[RebalanceRecord] = []  # the decisions acted on, oldest first (the last 100)
         self._read_upto = recorder.num_steps  # recorder steps already folded into the history
-        self._snapshots: list[tuple[int, torch.Tensor]] = [(self._read_upto, placement.phy2log.clone())]
+        # (recorder steps closed when the row started serving, phy2log): an int, or the recorder's device
+        # counter copied at a commit (reading it there would make the host wait for the queued forward passes).
+        self._snapshots: list[tuple[Any, torch.Tensor]] = [(self._read_upto, placement.phy2log.clone())]
         self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-move")
         self._plan: tuple[int, Future | None] | None = None  # (step it is due, rank 0's future)
@@ -214,8 +216,8 @@ class Rebalancer:
         newest = self.recorder.num_steps
         first = max(self._read_upto, newest - rows.shape[0])
         window = torch.zeros(self.serving.num_layers, self.serving.num_experts, dtype=torch.float64)
-        for index, (since, phy2log) in enumerate(self._snapshots):
-            until = self._snapshots[index + 1][0] if index + 1 < len(self._snapshots) else newest
+        starts = [int(since) for since, _ in self._snapshots]
+        for (_, phy2log), since, until in zip(self._snapshots, starts, [*starts[1:], newest], strict=True):
             lo, hi = max(since, first), min(until, newest)
             if hi > lo:
                 part = rows[lo - newest + rows.shape[0] : hi - newest + rows.shape[0]].to(torch.float64)
@@ -352,7 +354,7 @@ class Rebalancer:
         self.serving = Placement(phy2log, self.serving.num_experts, self.serving.num_gpus, self.serving.num_nodes,
                                  algorithm=self.serving.algorithm)
         # Rows recorded from the next step on count slots of the new row.
-        self._snapshots.append((self.recorder.num_steps, phy2log.clone()))
+        self._snapshots.append((self.recorder.steps.clone(), phy2log.clone()))
         if self.on_commit is not None:
             self.on_commit(layer, self.serving)
 

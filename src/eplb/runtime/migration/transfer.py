@@ -267,8 +267,9 @@ def warm_up(weights: ExpertWeights, rows: int, verify: bool, backend: str = "aut
     with _stream_context(stream), torch.no_grad():
         for layer in range(weights.num_layers):
             layout, slot_rows = weights.layout(layer), weights.byte_rows(layer)
-            row = torch.empty(1, layout.row_bytes, dtype=torch.uint8, device=weights.device)
-            _pack(row, slot_rows, layout, [0], verify, backend)
+            # Two rows: some operations take another kernel for a single row than for several.
+            row = torch.empty(2, layout.row_bytes, dtype=torch.uint8, device=weights.device)
+            _pack(row, slot_rows, layout, [0, 0], verify, backend)
             # verify's own operations: each kernel's first launch in a process loads its module (CUDA's lazy
             # loading), which stalls the device for milliseconds.
             if verify and _mismatches(row, layout, backend):

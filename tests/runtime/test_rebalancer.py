@@ -3,6 +3,9 @@ holding its expert's bytes after every step (so dispatch never points at a slot 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -143,30 +146,118 @@ def test_a_failed_step_keeps_the_old_placement_everywhere_and_the_next_decision_
         assert out["errors"] == 1
 
 
+def _ordered(world: int = 1):
+    """A start placement and a target in which every redundant slot takes another expert."""
+    start = plan(torch.ones(LAYERS, EXPERTS), num_gpus=world, num_slots=SLOTS, algorithm="linear")
+    shifted = start.phy2log.clone()
+    shifted[:, EXPERTS:] = (shifted[:, EXPERTS:] + 3) % EXPERTS
+    return start, Placement(shifted, EXPERTS, world)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_move_to_an_ordered_placement(mode: str) -> None:
     canon = canonical(LAYERS, EXPERTS)
-    start = plan(torch.ones(LAYERS, EXPERTS), num_gpus=1, num_slots=SLOTS, algorithm="linear")
-    shifted = start.phy2log.clone()
-    shifted[:, EXPERTS:] = (shifted[:, EXPERTS:] + 3) % EXPERTS
-    target = type(start)(shifted, EXPERTS, 1)
+    start, target = _ordered()
     weights, _ = make_weights(canon, start, 0)
     recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=4, device="cpu", backend="torch")
-    config = RebalancerConfig(every=100, mode=mode, plan_lag=1, layers_per_step=LAYERS)
-    rb = Rebalancer(recorder, start, weights, config=config)
+    config = RebalancerConfig(every=100, plan_lag=1, mode=mode, layers_per_step=LAYERS)
+    commits: list[tuple[int, int]] = []
+    rb = Rebalancer(recorder, start, weights, config=config,
+                    on_commit=lambda layer, _: commits.append((rb.steps, layer)))
     rb.move_to(target)
     assert rb.migrating == (mode == "async")
     if mode == "async":
         with pytest.raises(EplbError, match="under way"):
             rb.move_to(target)
-    recorder.step()
-    rb.step()  # async: every layer staged at once (layers_per_step=LAYERS) ...
-    recorder.step()
-    rb.step()  # ... and committed together at the next step boundary
-    assert corrupted_slots(weights, canon, rb.serving, 0) == 0
+    for _ in range(200):  # async: every layer staged at once (layers_per_step=LAYERS), then committed together
+        if not rb.migrating:
+            break
+        recorder.step()
+        rb.step()
+        assert corrupted_slots(weights, canon, rb.serving, 0) == 0
+        time.sleep(0.01)
     rb.close()
     assert torch.equal(rb.serving.phy2log, target.phy2log) and not rb.migrating
     assert rb.rebalances[-1].report.moves == int((start.phy2log != target.phy2log).sum())
+    assert sorted(layer for _, layer in commits) == list(range(LAYERS)) and len({at for at, _ in commits}) == 1
+
+
+def test_a_step_never_waits_for_staging(monkeypatch) -> None:
+    # Staging held back: step() returns at once and keeps serving the old placement; once staging is done, the
+    # next boundary commits.
+    from eplb.runtime.migration import transfer
+
+    canon = canonical(LAYERS, EXPERTS)
+    start, target = _ordered()
+    weights, _ = make_weights(canon, start, 0)
+    recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=4, device="cpu", backend="torch")
+    rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(every=100, plan_lag=1))
+    gate, stage = threading.Event(), transfer.stage
+
+    def held(*args, **kwargs):
+        assert gate.wait(30), "the test never released staging"
+        return stage(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "stage", held)
+    rb.move_to(target)
+    for _ in range(3):
+        recorder.step()
+        rb.step()
+        assert rb.migrating and torch.equal(rb.serving.phy2log, start.phy2log)
+    gate.set()
+    for _ in range(200):
+        if not rb.migrating:
+            break
+        time.sleep(0.01)
+        recorder.step()
+        rb.step()
+    rb.close()
+    assert torch.equal(rb.serving.phy2log, target.phy2log)
+    assert corrupted_slots(weights, canon, rb.serving, 0) == 0
+
+
+def _lockstep(rank: int, world: int, out: dict) -> None:
+    # Rank 1 stages slowly: rank 0, ready first, must not commit alone; both commit at the same boundaries.
+    from eplb.runtime.migration import transfer
+
+    canon = canonical(LAYERS, EXPERTS)
+    start, target = _ordered(world)
+    weights, _ = make_weights(canon, start, rank)
+    recorder = ExpertLoadRecorder(LAYERS, SLOTS, window=4, device="cpu", backend="torch")
+    rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(every=100, plan_lag=1))
+    stage = transfer.stage
+
+    def slow(*args, **kwargs):
+        if rank == 1:
+            time.sleep(0.3)
+        return stage(*args, **kwargs)
+
+    transfer.stage = slow
+    rb.move_to(target)
+    served = []
+    for _ in range(400):
+        if not rb.migrating:
+            break
+        recorder.step()
+        rb.step()
+        assert corrupted_slots(weights, canon, rb.serving, rank) == 0
+        served.append(rb.serving.phy2log.tolist())
+        time.sleep(0.02)
+    rb.close()
+    out[rank] = served
+    assert torch.equal(rb.serving.phy2log, target.phy2log)
+
+
+def test_ranks_commit_at_the_same_boundary_when_one_stages_late() -> None:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        spawn(_lockstep, 2, out)
+        served = dict(out)
+    assert served[0] == served[1], "the ranks served different placements at some step"
+    changes = [i for i in range(1, len(served[0])) if served[0][i] != served[0][i - 1]]
+    assert len(changes) == LAYERS and changes[0] > 2, "no boundary waited for the late rank"
 
 
 @pytest.mark.gpu
@@ -174,7 +265,8 @@ def test_move_to_an_ordered_placement(mode: str) -> None:
 def test_async_steps_neither_wait_for_the_serving_stream_nor_take_fresh_device_memory() -> None:
     # Every slot of every layer changes, so one layer's staging fills the whole reserve: the next layer's
     # staging must wait for the commit that reads the last one instead of taking fresh device memory. And
-    # step() must not wait for the forward passes queued on the serving stream (an engine runs ahead).
+    # step() must not wait for the forward pass queued on the serving stream (an engine runs ahead), nor for
+    # staging.
     layers, experts = 3, 8
     start = Placement(torch.arange(experts).repeat(layers, 1), experts, 1)
     target = Placement((start.phy2log + 1) % experts, experts, 1)
@@ -188,11 +280,15 @@ def test_async_steps_neither_wait_for_the_serving_stream_nor_take_fresh_device_m
     rb.move_to(target)
     recorder.step()
     rb.step()  # stages the first layer
-    while rb.migrating:
+    for _ in range(100):
+        if not rb.migrating:
+            break
         torch.cuda._sleep(50_000_000)  # a forward pass still running on the serving stream (~25 ms)
         recorder.step()
-        rb.step()  # commits a layer, stages the next
+        rb.step()  # commits the staged layer once it is staged, and stages the next
         assert not torch.cuda.current_stream().query(), "step() waited for the serving stream"
+        torch.cuda.current_stream().synchronize()  # the next forward pass starts after this one
+    assert not rb.migrating
     torch.cuda.synchronize()
     rb.close()
     assert torch.cuda.memory_stats()["num_device_alloc"] == allocations

@@ -9,8 +9,9 @@ if it acts, the weights move:
 - ``mode="async"``: ``layers_per_step`` migration steps (a layer each, or a part of one under
   ``staging_bytes``) at a time. Their transfers run on a background thread over the rebalancer's own
   process group (so they never interleave with the engine's collectives), on a side CUDA stream, while
-  the engine serves; at the next ``step()`` every rank votes and commits them together, at the step
-  boundary, then ``on_commit`` switches each layer's dispatch tables before the next forward pass.
+  the engine serves; at the first ``step()`` by which every rank has staged them (usually the next), every
+  rank votes and commits them together, at the step boundary, then ``on_commit`` switches each layer's
+  dispatch tables before the next forward pass. ``step()`` never waits for staging to finish.
 - ``mode="sync"``: everything moves inside the deciding ``step()`` (offline use, tests).
 
 A failed migration step leaves the old weights and placement serving everywhere (see
@@ -54,9 +55,10 @@ class RebalancerConfig:
         plan_lag: async: steps rank 0's planning thread gets before every rank needs its decision
             (``step()`` waits for it only if planning takes longer than that).
         layers_per_step: async: layers staged during one forward pass and committed at the next step
-            boundary (staging memory grows with it; see ``MigrationConfig.staging_bytes``). One layer per
-            step takes as many steps as layers change to land a rebalance: raise it where the copies hide
-            under the step's compute (``docs/benchmarks/simulate.md`` has the trade-off).
+            boundary by which every rank has staged them (staging memory grows with it; see
+            ``MigrationConfig.staging_bytes``). One layer per step takes as many steps as layers change to
+            land a rebalance: raise it where the copies hide under the step's compute
+            (``docs/benchmarks/simulate.md`` has the trade-off).
         history: windows kept (each one ``every`` steps); the policy plans from the last ``policy.window``.
         policy: how to decide (window, ``max_moves``, ``min_gain``, algorithm, router groups).
         migration: how to move the weights (staging bound, peers per round, timeout, checksums).
@@ -174,7 +176,7 @@ class Rebalancer:
         next one, and decide every ``every`` steps. Every rank calls it at the same point of every step."""
         self.steps += 1
         released = None
-        if self._pending:
+        if self._pending and self._staged_everywhere():
             self._finish_pending()
             released = self._released()
         if self._plan is not None and self.steps >= self._plan[0]:
@@ -277,7 +279,7 @@ class Rebalancer:
             self._finish_rebalance()
             return
         layers = [int(layer) for layer in decision.order]  # the largest predicted gain lands first
-        self._session = Session.open(self._migration_group, None, self.serving.num_gpus)
+        self._session = Session.open(self._migration_group, None, self.serving.num_gpus, background=True)
         for layer in layers:
             row_bytes = self.weights.layout(layer).row_bytes
             parts = plan_parts(self.serving, target, layer, row_bytes, self.config.migration.staging_bytes,
@@ -317,6 +319,19 @@ class Rebalancer:
         if after is not None:
             after.synchronize()
         return fn(*args)
+
+    def _staged_everywhere(self) -> bool:
+        """Whether every rank's pending staging is done, the same answer on every rank: then they vote and commit
+        at this step boundary; if not, all of them keep serving and ask again at the next one, so that a
+        step never waits for staging (whose kernels may queue behind the forward pass's)."""
+        assert self._session is not None
+        ready = all(future.done() for _, future in self._pending)
+        if self._session.world == 1:
+            return ready
+        try:
+            return self._session.all_ready(ready, self.config.migration.timeout_s)
+        except TimeoutError:  # a rank is stuck or gone: the vote, with its own timeout, aborts everywhere
+            return True
 
     def _finish_pending(self) -> None:
         """Vote on and commit every staged step, in order, on every rank; a failed one is not committed (the

@@ -32,7 +32,7 @@ from eplb.runtime.migration import transfer
 from eplb.runtime.migration.config import MigrationConfig
 from eplb.runtime.migration.plan import LayerTransfers, plan_parts
 from eplb.runtime.migration.report import PHASES, MigrationError, MigrationReport
-from eplb.runtime.migration.sync import Failure, PeerAbort, StepSync
+from eplb.runtime.migration.sync import Failure, PeerAbort, StepSync, all_ready
 from eplb.runtime.migration.weights import ExpertWeights
 
 # Tags of one call start at (epoch mod 2**11) << 20, so that an op of an earlier call never
@@ -46,7 +46,8 @@ class Session:
     """One ``migrate`` call's place in the group: this rank, the store and a fresh epoch.
 
     Every rank must call ``migrate`` the same number of times on the same group, so that their
-    per-rank epoch counters in the store agree.
+    per-rank epoch counters in the store agree. ``staging_store`` is the client staging uses
+    (``store`` itself unless the session was opened with ``background=True``).
     """
 
     group: Any
@@ -55,10 +56,14 @@ class Session:
     world: int
     namespace: str
     epoch: int
+    staging_store: Any = None
     tags_used: int = 0
+    boundaries: int = 0
 
     @classmethod
-    def open(cls, group: Any, store: Any, num_gpus: int) -> Session:
+    def open(cls, group: Any, store: Any, num_gpus: int, background: bool = False) -> Session:
+        """The session of this rank; ``background``: staging runs on a thread of its own, which then gets its
+        own client of the store (see ``sync``)."""
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(group), dist.get_world_size(group)
             if rank < 0:
@@ -80,13 +85,20 @@ class Session:
             )
         namespace = "eplb/migration/" + "-".join(map(str, ranks)) + "/"
         epoch = int(store.add(f"{namespace}epoch/{rank}", 1))
-        return cls(group, store, rank, world, namespace, epoch)
+        return cls(group, store, rank, world, namespace, epoch, store.clone() if background else store)
 
     def step_sync(self, t: LayerTransfers, part: int, timeout_s: float) -> StepSync:
         """The store keys of part ``part`` of ``t.layer`` in this call."""
         pairs = sorted({(m.round, min(m.src, m.dst), max(m.src, m.dst)) for m in t.messages})
         return StepSync(self.store, self.rank, self.world, f"{self.namespace}{self.epoch}/{t.layer}/{part}/",
-                        timeout_s, pairs)
+                        timeout_s, pairs, self.staging_store)
+
+    def all_ready(self, ready: bool, timeout_s: float) -> bool:
+        """Whether every rank is ``ready`` at this step boundary (``sync.all_ready``); every rank calls it at
+        the same boundaries."""
+        self.boundaries += 1
+        prefix = f"{self.namespace}{self.epoch}/ready/{self.boundaries}/"
+        return all_ready(self.store, prefix, self.rank, self.world, ready, timeout_s)
 
     def take_tags(self, count: int) -> int:
         """The tag base of a step using ``count`` tags."""

@@ -19,6 +19,12 @@ wait, and P2P ops are only posted once both ends have agreed, through the store,
 - a rank that fails writes the abort decision with its cause *before* its vote, and aborts the
   handshakes it has not resolved (which wakes peers waiting there). So a ``commit`` proposal made
   after seeing every vote loses to any failure: no vote values need reading.
+- *all_ready* (per step boundary of the online rebalancer): whether every rank's staging is done,
+  so that all vote now or all wait for the next boundary.
+
+Handshakes and a staging failure's abort may use their own client of the store (``staging_store``):
+a client serialises its operations, so a staging thread waiting in a handshake would otherwise hold
+up the serving thread's agreement.
 
 Keys live under ``<namespace><epoch>/<layer>/<part>/``; the last rank to read a step's decision
 deletes them.
@@ -75,12 +81,15 @@ class StepSync:
         prefix: the step's key prefix (ends with ``/``).
         timeout_s: the bound on every wait for other ranks.
         pairs: ``(round, a, b)`` for every rank pair ``a < b`` exchanging in a round, over the group.
+        staging_store: the client of the same store that ``handshake`` and ``abort`` use (default: ``store``).
     """
 
     def __init__(
-        self, store: Any, rank: int, world: int, prefix: str, timeout_s: float, pairs: list[tuple[int, int, int]]
+        self, store: Any, rank: int, world: int, prefix: str, timeout_s: float, pairs: list[tuple[int, int, int]],
+        staging_store: Any = None,
     ) -> None:
         self.store, self.rank, self.world, self.prefix = store, rank, world, prefix
+        self.staging_store = store if staging_store is None else staging_store
         self.timeout_s = timeout_s
         self.pairs = pairs
         # Handshakes of this rank not resolved yet: (round, peer).
@@ -108,17 +117,17 @@ class StepSync:
         for peer in sorted(peers):
             answer_key = self._pair_key(round_, peer, "go")
             proposal = GO
-            if self.store.add(self._pair_key(round_, peer, "arrived"), 1) < 2:
+            if self.staging_store.add(self._pair_key(round_, peer, "arrived"), 1) < 2:
                 try:
                     left = max(deadline - time.monotonic(), 1e-3)
-                    self.store.wait([answer_key], timedelta(seconds=left))
+                    self.staging_store.wait([answer_key], timedelta(seconds=left))
                 except RuntimeError:  # DistStoreError: timed out; the store stays usable
                     pass
                 proposal = Failure(
                     (peer, self.rank), f"rank {peer} did not reach round {round_} within {self.timeout_s:g} s "
                     f"(rank {self.rank} waited for it)"
                 ).encode()
-            out[peer] = _answer(self.store.compare_set(answer_key, b"", proposal))
+            out[peer] = _answer(self.staging_store.compare_set(answer_key, b"", proposal))
             self._open.discard((round_, peer))
         return out
 
@@ -131,9 +140,9 @@ class StepSync:
             commit (possible only once this rank voted ok), else why it aborts.
         """
         message = failure.encode()
-        answer = self.store.compare_set(self._decision_key, b"", message)
+        answer = self.staging_store.compare_set(self._decision_key, b"", message)
         for round_, peer in sorted(self._open):
-            self.store.compare_set(self._pair_key(round_, peer, "go"), b"", message)
+            self.staging_store.compare_set(self._pair_key(round_, peer, "go"), b"", message)
         self._open.clear()
         return _answer(answer)
 
@@ -174,3 +183,27 @@ class StepSync:
             keys += [f"{self.prefix}{what}/{k}/{a}-{b}" for what in ("arrived", "go")]
         for key in keys:
             self.store.delete_key(key)
+
+
+def all_ready(store: Any, prefix: str, rank: int, world: int, ready: bool, timeout_s: float) -> bool:
+    """Whether every rank of the group passed ``ready=True``: the same answer on every rank.
+
+    A rank that is not ready counts itself in ``<prefix>late`` before it announces itself, so the
+    count is final once every rank has announced; the last rank to read it deletes the keys.
+
+    Raises:
+        TimeoutError: not every rank announced itself within ``timeout_s``.
+    """
+    if not ready:
+        store.add(f"{prefix}late", 1)
+    keys = [f"{prefix}at/{r}" for r in range(world)]
+    store.set(keys[rank], b"")
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # DistStoreError: the wait timed out
+        raise TimeoutError(f"not every rank reached the step boundary within {timeout_s:g} s") from exc
+    late = store.add(f"{prefix}late", 0)
+    if store.add(f"{prefix}done", 1) == world:
+        for key in [*keys, f"{prefix}late", f"{prefix}done"]:
+            store.delete_key(key)
+    return late == 0

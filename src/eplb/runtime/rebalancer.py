@@ -338,7 +338,7 @@ class Rebalancer:
         others are: they move other layers) and ends this rebalance."""
         assert self.last is not None
         pending, self._pending = self._pending, []
-        # Every staging job ends before the first vote: the store client is not shared between threads.
+        # Done already unless a rank timed out agreeing; a failed job wrote its abort before this rank votes.
         prepared = [future.result() for _, future in pending]
         failure: MigrationError | None = None
         for (step, _), ready in zip(pending, prepared, strict=True):

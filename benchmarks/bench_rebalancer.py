@@ -182,12 +182,17 @@ def main() -> None:
         out = timed_steps(step, args.steps, lambda: _serving_sync(device), before=order)
         if rb is None:
             return out, {"probes": probed}
+        untimed = 0
+        while rb.migrating and untimed < 100:  # a commit waits for staging done on every rank: land the rest
+            step(args.steps + untimed)
+            untimed += 1
         rb.close()
         return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
+                     "untimed_steps_to_land": untimed,
                      "rebalancer_step_host_ms": [round(t * 1e3, 2) for t in host],
                      "table_switch_host_ms": [round(t * 1e3, 2) for t in switches],
                      "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None,
-                     "probes": probed}
+                     "probes": probed[: args.steps]}
 
     if args.touch_target:
         layers, _, _ = build(False)

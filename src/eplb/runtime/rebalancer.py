@@ -172,8 +172,9 @@ class Rebalancer:
     # The loop ------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Advance one forward pass: commit the migration step staged since the last call, start the
-        next one, and decide every ``every`` steps. Every rank calls it at the same point of every step."""
+        """Advance one forward pass: commit the migration steps staged on the mover thread once every rank has
+        staged them, start the next ones, and decide every ``every`` steps. Every rank calls it at the same
+        point of every step."""
         self.steps += 1
         released = None
         if self._pending and self._staged_everywhere():

@@ -19,6 +19,7 @@ from eplb.runtime.backend import use_triton
 from eplb.runtime.dispatch.alias import alias_table
 from eplb.runtime.dispatch.reference import Mode, remap_torch
 from eplb.runtime.hashing import layer_key
+from eplb.runtime.host import upload
 
 
 class _Dispatch:
@@ -99,7 +100,7 @@ class StaticDispatch(_Dispatch):
             raise EplbError(f"rank {rank} is outside [0, {placement.num_gpus}); pass this GPU's expert-parallel rank")
         self.rank = rank
         table = static_tables(placement)[rank]
-        self._slots = table.unsqueeze(-1).to(self.device, torch.int32).contiguous()
+        self._slots = upload(table.unsqueeze(-1).to(torch.int32), self.device)
         self._counts = self._slots[..., 0]
         self._threshold = self._alias = self._slots
 
@@ -122,8 +123,8 @@ class HashDispatch(_Dispatch):
 
     def __init__(self, placement: Placement, seed: int = 0, device: Any = None) -> None:
         super().__init__(placement, seed, device)
-        self._slots = placement.log2phy.to(self.device, torch.int32).contiguous()
-        self._counts = placement.logcnt.to(self.device, torch.int32).contiguous()
+        self._slots = upload(placement.log2phy.to(torch.int32), self.device)
+        self._counts = upload(placement.logcnt.to(torch.int32), self.device)
         self._threshold = self._alias = self._slots
 
 
@@ -149,8 +150,8 @@ class WeightedDispatch(_Dispatch):
 
     def __init__(self, placement: Placement, probs: Any, seed: int = 0, device: Any = None) -> None:
         super().__init__(placement, seed, device)
-        self._slots = placement.log2phy.to(self.device, torch.int32).contiguous()
-        self._counts = placement.logcnt.to(self.device, torch.int32).contiguous()
+        self._slots = upload(placement.log2phy.to(torch.int32), self.device)
+        self._counts = upload(placement.logcnt.to(torch.int32), self.device)
         self._threshold = torch.empty_like(self._slots)
         self._alias = torch.empty_like(self._slots)
         self.set_probs(probs)
@@ -173,8 +174,8 @@ class WeightedDispatch(_Dispatch):
         captured graph holds.
         """
         threshold, alias = alias_table(self.placement, probs)
-        self._threshold.copy_(threshold)
-        self._alias.copy_(alias)
+        upload(threshold, self.device, out=self._threshold)
+        upload(alias, self.device, out=self._alias)
 
 
 def static_tables(placement: Placement) -> torch.Tensor:

@@ -23,6 +23,7 @@ from eplb.errors import EplbError
 from eplb.loads import as_history
 from eplb.placement import Placement
 from eplb.runtime.backend import use_triton
+from eplb.runtime.host import upload
 from eplb.runtime.waterfill import reference, tables
 from eplb.runtime.waterfill.config import HostInput, WaterfillConfig
 from eplb.runtime.waterfill.layout import slots_per_rank
@@ -243,7 +244,7 @@ class WaterfillBalancer:
         if host is HostInput.NONE:
             return None
         return self._buffer(
-            (host, k, device), lambda: tables.host_input(self.strategy, self._prior, k, self.rule).to(device)
+            (host, k, device), lambda: upload(tables.host_input(self.strategy, self._prior, k, self.rule), device)
         )
 
     def _run(

@@ -31,7 +31,8 @@ def add_model_args(parser: argparse.ArgumentParser, tokens: int) -> None:
     """The model and batch sizes, shared with the other examples."""
     parser.add_argument("--layers", type=int, default=2, help="MoE layers")
     parser.add_argument("--experts", type=int, default=16, help="logical routed experts")
-    parser.add_argument("--slots-per-rank", type=int, default=10, help="physical slots per rank")
+    parser.add_argument("--slots-per-rank", type=int, default=None,
+                        help="physical slots per rank (default: the experts over the ranks, rounded up, plus 2)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=tokens, help="tokens per rank and step (mean)")
@@ -46,6 +47,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--dispatch", choices=("static", "hash", "weighted"), default="hash")
     parser.add_argument("--waterfill", action="store_true", help="run the shared expert on less loaded ranks")
     return parser.parse_args()
+
+
+def num_slots(args: argparse.Namespace, world: int) -> int:
+    """All physical slots of the group: ``--slots-per-rank`` on each of ``world`` ranks."""
+    per_rank = args.slots_per_rank or -(-args.experts // world) + 2
+    return per_rank * world
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -67,7 +74,7 @@ def main() -> None:
         router="grouped", num_groups=4, topk_groups=2, routed_scaling_factor=2.5, shared_expert=True,
         dispatch=args.dispatch, waterfill=args.waterfill,
     )
-    num_slots = args.slots_per_rank * world
+    slots = num_slots(args, world)
     checkpoints = []
     for layer in range(args.layers):
         router, experts, shared = random_checkpoint(config, seed=layer)
@@ -75,9 +82,9 @@ def main() -> None:
         router["bias"] = 0.3 * torch.linspace(1, -1, args.experts)[torch.randperm(args.experts)]
         checkpoints.append(tuple(to_device(part, device) for part in (router, experts, shared)))
 
-    placement = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=num_slots,
+    placement = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=slots,
                           algorithm="linear")
-    recorder = ExpertLoadRecorder(args.layers, num_slots, window=args.steps, device=device)
+    recorder = ExpertLoadRecorder(args.layers, slots, window=args.steps, device=device)
     # Weighted dispatch needs recorded loads even for the first placement: start from a uniform guess.
     load = torch.ones(args.layers, args.experts)
     waterfill = WaterfillConfig(min_batch=0) if args.waterfill else None
@@ -89,7 +96,7 @@ def main() -> None:
     _serve(layers, checkpoints, recorder, args, "linear", rank, world, device)
 
     load = recorder.logical_loads(placement, recorder.global_loads())  # [T, L, E], summed over the ranks
-    new = eplb.plan(load, num_gpus=world, num_slots=num_slots, algorithm="eplb", current=placement)
+    new = eplb.plan(load, num_gpus=world, num_slots=slots, algorithm="eplb", current=placement)
     for layer, (_, experts, _) in zip(layers, checkpoints, strict=True):
         # In an engine the migration code moves the weights in place and commits; then the tables follow.
         layer.set_placement(new, load, weights=local_slot_weights(experts, new, rank, layer.layer))

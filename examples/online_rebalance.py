@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ep_moe import (  # the sibling example (the script's folder is on sys.path)
     add_model_args,
     init_distributed,
+    num_slots,
     to_device,
 )
 
@@ -55,10 +56,10 @@ def main() -> None:
     checkpoints = [random_checkpoint(config, seed=layer) for layer in range(args.layers)]
     checkpoints = [tuple(to_device(part, device) for part in parts) for parts in checkpoints]
 
-    num_slots = args.slots_per_rank * world
-    start = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=num_slots, algorithm="linear")
+    slots = num_slots(args, world)
+    start = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=world, num_slots=slots, algorithm="linear")
     weights = ExpertWeights([local_slot_weights(e, start, rank, layer) for layer, (_, e, _) in enumerate(checkpoints)])
-    recorder = ExpertLoadRecorder(args.layers, num_slots, window=args.every, device=device)
+    recorder = ExpertLoadRecorder(args.layers, slots, window=args.every, device=device)
     layers = [EPMoE(config, start, layer, weights.tensors(layer), router, shared, recorder=recorder)
               for layer, (router, _, shared) in enumerate(checkpoints)]
     rebalancer = Rebalancer(

@@ -10,8 +10,12 @@ of every layer takes another expert (``--slots - --experts`` moves per layer); t
 measured on several GPUs (docs/benchmarks/multi_gpu.md). A step is the reference ``EPMoE`` forward of every
 layer on ``--tokens`` tokens plus ``recorder.step()`` and ``rebalancer.step()``, timed from one sync of the
 serving stream to the next (the side stream's staging overlaps the next step, as in an engine); async mode
-commits ``--layers-per-step`` layers per step. Each step also records ``Probes`` (garbage collection, device
-allocations, Triton compilations, host time), which say what a slow step spent its time on.
+commits ``--layers-per-step`` layers per step. Two copies of the model serve step by step in turn
+(``timing.alternating_steps``), one without a rebalancer: each migrating step is compared with its neighbour
+(``paired_overhead``), which the machine's drift (20% within a run for a host-bound step) hits alike, as well
+as with the medians. Each round orders one rebalance: to the target in even rounds, back in odd ones. Each
+step also records ``Probes`` (garbage collection, device allocations, Triton compilations, host time), which
+say what a slow step spent its time on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from eplb import ExpertLoadRecorder
 from eplb.runtime.migration import ExpertWeights, MigrationConfig
 from eplb.runtime.moe import EPMoE, EPMoEConfig, local_slot_weights
 from eplb.runtime.rebalancer import Rebalancer, RebalancerConfig
-from timing import meta, step_overhead, timed_steps, write_json
+from timing import alternating_steps, meta, paired_overhead, step_overhead, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -40,7 +44,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=72)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=24, help="steps per run (the rebalance is ordered half way)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds without and with a rebalancer")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, one rebalance each")
     parser.add_argument("--layers-per-step", type=int, default=1, help="async: layers committed per step")
     parser.add_argument("--touch-target", action="store_true",
                         help="before the first round, run one untimed forward of every layer on the target placement's "
@@ -128,106 +132,115 @@ def main() -> None:
     moved[:, args.experts :] = (moved[:, args.experts :] + spare) % args.experts
     target = eplb.Placement(moved, args.experts, 1)
 
-    def build(with_rebalancer: bool, mode: str = "async", switches: list[float] | None = None):
-        """The layers, recorder and rebalancer; ``switches`` collects the host seconds of each layer's
-        ``set_placement`` (the engine's table switch at a commit)."""
+    class Server:
+        """One model's layers, recorder and (optionally) rebalancer, stepped by ``step(i)``; it keeps, until
+        ``take()``, the host seconds of ``rb.step()`` in migrating steps (before the device sync) and of each
+        table switch (``set_placement``, the engine's part of a commit), and each step's ``Probes``."""
 
-        def switch(layer: int, placement: eplb.Placement) -> None:
+        def __init__(self, with_rebalancer: bool) -> None:
+            weights = ExpertWeights([local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)])
+            self.recorder = ExpertLoadRecorder(args.layers, args.slots, window=args.steps, device=device)
+            self.layers = [EPMoE(config, start, layer, weights.tensors(layer), routers[layer], recorder=self.recorder)
+                           for layer in range(args.layers)]
+            self.weights, self.rb = weights, None
+            if with_rebalancer:
+                self.rb = self.rebalancer("async", start)
+            self.host: list[float] = []
+            self.switches: list[float] = []
+            self.probed: list[dict] = []
+
+        def rebalancer(self, mode: str, serving: eplb.Placement) -> Rebalancer:
+            return Rebalancer(self.recorder, serving, self.weights, config=RebalancerConfig(
+                every=10**6, mode=mode, layers_per_step=args.layers_per_step,
+                migration=MigrationConfig(timeout_s=120)), on_commit=self.switch)
+
+        def switch(self, layer: int, placement: eplb.Placement) -> None:
             clock = time.perf_counter()
-            layers[layer].set_placement(placement)
-            if switches is not None:
-                switches.append(time.perf_counter() - clock)
+            self.layers[layer].set_placement(placement)
+            self.switches.append(time.perf_counter() - clock)
 
-        weights = ExpertWeights([local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)])
-        recorder = ExpertLoadRecorder(args.layers, args.slots, window=args.steps, device=device)
-        layers = [EPMoE(config, start, layer, weights.tensors(layer), routers[layer], recorder=recorder)
-                  for layer in range(args.layers)]
-        rb = None
-        if with_rebalancer:
-            rb = Rebalancer(recorder, start, weights, config=RebalancerConfig(
-                every=10**6, mode=mode, layers_per_step=args.layers_per_step, migration=MigrationConfig(timeout_s=120)),
-                on_commit=switch)
-        return layers, recorder, rb
-
-    probes = Probes(device)
-
-    def run(with_rebalancer: bool, mode: str = "async") -> tuple[list[tuple[float, bool]], dict]:
-        """Per step: (seconds, whether a migration was in flight); and what the rebalancer did: slots moved,
-        the host seconds of ``rb.step()`` in the migrating steps (before the device sync) and of each table
-        switch, its phase seconds, and each step's ``Probes``."""
-        switches: list[float] = []
-        layers, recorder, rb = build(with_rebalancer, mode, switches)
-        host: list[float] = []
-        probed: list[dict] = []
-
-        def order(step: int) -> None:
-            if rb is not None and step == args.steps // 2:
-                rb.move_to(target)
-
-        def step(_: int) -> bool:
-            start, before = time.perf_counter(), probes.counters()
-            for layer in layers:
+        def step(self, _: int) -> bool:
+            begin, before = time.perf_counter(), probes.counters()
+            for layer in self.layers:
                 layer(x)
-            recorder.step()
+            self.recorder.step()
+            rb = self.rb
             busy = rb is not None and rb.migrating
             if rb is not None:
                 clock = time.perf_counter()
                 rb.step()
                 if busy or rb.migrating:
-                    host.append(time.perf_counter() - clock)
+                    self.host.append(time.perf_counter() - clock)
                 busy = busy or rb.migrating
-            probed.append(Probes.delta(before, probes.counters(), time.perf_counter() - start))
+            self.probed.append(Probes.delta(before, probes.counters(), time.perf_counter() - begin))
             return busy
 
-        out = timed_steps(step, args.steps, lambda: _serving_sync(device), before=order)
-        if rb is None:
-            return out, {"probes": probed}
-        untimed = 0
-        while rb.migrating and untimed < 100:  # a commit waits for staging done on every rank: land the rest
-            step(args.steps + untimed)
-            untimed += 1
-        rb.close()
-        return out, {"slots_moved": sum(r.report.moves for r in rb.rebalances),
-                     "untimed_steps_to_land": untimed,
-                     "rebalancer_step_host_ms": [round(t * 1e3, 2) for t in host],
-                     "table_switch_host_ms": [round(t * 1e3, 2) for t in switches],
-                     "phases_s": dict(rb.rebalances[-1].report.seconds) if rb.rebalances else None,
-                     "probes": probed[: args.steps]}
+        def land(self) -> int:
+            """Untimed steps until a rebalance still staging after the timed ones is committed (a commit waits
+            for staging done on every rank), then the device sync; how many it took."""
+            steps = 0
+            while self.rb is not None and self.rb.migrating and steps < 100:
+                self.step(args.steps + steps)
+                steps += 1
+            _sync(device)
+            return steps
 
+        def take(self) -> dict:
+            rb, host, switches, probed = self.rb, self.host, self.switches, self.probed
+            self.host, self.switches, self.probed = [], [], []
+            if rb is None:
+                return {"probes_without": probed[: args.steps]}
+            return {"slots_moved": rb.rebalances[-1].report.moves, "phases_s": dict(rb.rebalances[-1].report.seconds),
+                    "rebalancer_step_host_ms": [round(t * 1e3, 2) for t in host],
+                    "table_switch_host_ms": [round(t * 1e3, 2) for t in switches], "probes": probed[: args.steps]}
+
+    probes = Probes(device)
+    plain, served = Server(False), Server(True)
+    fulls.clear()  # both servers hold their own slots: room for 16,384-token steps of six DeepSeek-V3 layers
     if args.touch_target:
-        layers, _, _ = build(False)
-        for layer in layers:
+        for layer in served.layers:
             layer.set_placement(target)
             layer(x)
+            layer.set_placement(start)
         _sync(device)
-        del layers
 
     rows = []
-    for round_ in range(args.rounds):  # interleaved rounds: the machine's noise hits both sides alike
-        base, base_done = run(False)
-        with_rb, done = run(True)
-        busy = [round(t * 1e3, 2) for t, migrating in with_rb[2:] if migrating]
-        row = {"round": round_, **step_overhead([t for t, _ in base[2:]], with_rb[2:]),
-               "bytes_per_expert": expert_bytes, "migrating_steps_ms": busy,
+    for round_ in range(args.rounds):  # the served model moves to the target and back, one way per round
+        goal = target if round_ % 2 == 0 else start
+
+        def order(step: int, goal: eplb.Placement = goal) -> None:
+            if step == args.steps // 2:
+                served.rb.move_to(goal)
+
+        base, with_rb = alternating_steps([plain.step, served.step], args.steps, lambda: _serving_sync(device),
+                                          before=order)
+        untimed = served.land()
+        base_s = [t for t, _ in base[2:]]
+        row = {"round": round_, **step_overhead(base_s, with_rb[2:]), **paired_overhead(base_s, with_rb[2:]),
+               "bytes_per_expert": expert_bytes,
+               "migrating_steps_ms": [round(t * 1e3, 2) for t, migrating in with_rb[2:] if migrating],
                "steps_ms_without": [round(t * 1e3, 2) for t, _ in base],
-               "steps_ms_with": [round(t * 1e3, 2) for t, _ in with_rb], "probes_without": base_done["probes"],
-               **done}
+               "steps_ms_with": [round(t * 1e3, 2) for t, _ in with_rb], "untimed_steps_to_land": untimed,
+               **plain.take(), **served.take()}
         print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
         rows.append(row)
+    served.rb.close()
+    del plain
 
     # Sync mode: one whole rebalance inside one step; its copy rate against a plain device copy.
-    layers, recorder, rb = build(True, "sync")
+    serving = served.rb.serving
+    rb = served.rebalancer("sync", serving)
     _sync(device)
     t0 = time.perf_counter()
-    rb.move_to(target)
+    rb.move_to(start if torch.equal(serving.phy2log, target.phy2log) else target)
     _sync(device)
     seconds = time.perf_counter() - t0
     moved = sum(r.report.moves for r in rb.rebalances)
     block = torch.empty(moved * expert_bytes, dtype=torch.uint8, device=device)
-    target = torch.empty_like(block)
+    copy = torch.empty_like(block)
     _sync(device)
     t0 = time.perf_counter()
-    target.copy_(block)
+    copy.copy_(block)
     _sync(device)
     bound = time.perf_counter() - t0
     sync_row = {"sync_rebalance_s": seconds, "slots_moved": moved, "bytes_moved": moved * expert_bytes,

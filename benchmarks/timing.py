@@ -1,5 +1,5 @@
 """Timing helpers the GPU benchmarks share: CUDA-graph replay timing, interleaved A/B rounds, timed serving
-steps and a rebalance's step overhead, metadata.
+steps (alone or alternating with another server's) and a rebalance's step overhead, metadata.
 
 An op is a function ``op(i)`` of the call index ``i`` (benchmarks cycle it over a model's layers).
 :func:`time_per_call` captures ``calls`` calls of it in one CUDA graph and times replays with CUDA
@@ -109,15 +109,32 @@ def timed_steps(
     Returns:
         Per step ``(seconds, migrating)``.
     """
-    out = []
+    return alternating_steps([step], steps, sync, before)[0]
+
+
+def alternating_steps(
+    sides: Sequence[Callable[[int], bool]], steps: int, sync: Callable[[], None],
+    before: Callable[[int], None] | None = None,
+) -> list[list[tuple[float, bool]]]:
+    """``timed_steps`` of several servers at once: step ``i`` of every side, one after the other, before step
+    ``i + 1`` of any, in reversed order every other step. Neighbouring steps of two sides then share the
+    machine's state (clock, other load, a drifting host), which can change a host-bound step by 20% within
+    a run: compare them pairwise (``paired_overhead``).
+
+    Returns:
+        Per side, per step ``(seconds, migrating)``.
+    """
+    out: list[list[tuple[float, bool]]] = [[] for _ in sides]
     for i in range(steps):
         if before is not None:
             before(i)
-        sync()
-        start = time.perf_counter()
-        busy = step(i)
-        sync()
-        out.append((time.perf_counter() - start, busy))
+        order = range(len(sides)) if i % 2 == 0 else range(len(sides) - 1, -1, -1)
+        for side in order:
+            sync()
+            start = time.perf_counter()
+            busy = sides[side](i)
+            sync()
+            out[side].append((time.perf_counter() - start, busy))
     return out
 
 
@@ -144,3 +161,21 @@ def step_overhead(base: Sequence[float], with_rebalancer: Sequence[tuple[float, 
         if idle:
             row["overhead_vs_idle_steps"] = row["step_ms_migrating"] / row["step_ms_idle_rebalancer"] - 1
     return row
+
+
+def paired_overhead(base: Sequence[float], with_rebalancer: Sequence[tuple[float, bool]],
+                    limit: float = 0.05) -> dict[str, Any]:
+    """Each migrating step against its neighbour without a rebalancer (``alternating_steps``): the median and
+    worst ratio minus one, and how many stay within ``limit``.
+
+    Args:
+        base: step seconds without a rebalancer, step ``i`` run next to ``with_rebalancer[i]``.
+        with_rebalancer: ``(seconds, migrating)`` per step with one.
+        limit: the overhead a step may add (the runtime's target: 5%).
+    """
+    ratios = [t / b - 1 for b, (t, busy) in zip(base, with_rebalancer, strict=True) if busy]
+    if not ratios:
+        return {}
+    return {"paired_overhead_median": statistics.median(ratios), "paired_overhead_worst": max(ratios),
+            "paired_within_limit": sum(r <= limit for r in ratios), "paired_limit": limit,
+            "paired_overheads": [round(r, 4) for r in ratios]}

@@ -225,16 +225,18 @@ def main() -> None:
         print({k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
         rows.append(row)
     served.rb.close()
+    serving, served.rb = served.rb.serving, None
     del plain
+    gc.collect()  # the async rebalancer's staging reserve goes back to the cache, for the sync one to reuse
 
     # Sync mode: one whole rebalance inside one step; its copy rate against a plain device copy.
-    serving = served.rb.serving
     rb = served.rebalancer("sync", serving)
     _sync(device)
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), probes.counters()
     rb.move_to(start if torch.equal(serving.phy2log, target.phy2log) else target)
     _sync(device)
     seconds = time.perf_counter() - t0
+    probed = Probes.delta(before, probes.counters(), seconds)
     moved = sum(r.report.moves for r in rb.rebalances)
     block = torch.empty(moved * expert_bytes, dtype=torch.uint8, device=device)
     copy = torch.empty_like(block)
@@ -245,7 +247,7 @@ def main() -> None:
     bound = time.perf_counter() - t0
     sync_row = {"sync_rebalance_s": seconds, "slots_moved": moved, "bytes_moved": moved * expert_bytes,
                 "plain_copy_s": bound, "ratio_to_one_copy": seconds / bound if bound else None,
-                "phases_s": rb.rebalances[-1].report.seconds if rb.rebalances else None}
+                "phases_s": rb.rebalances[-1].report.seconds if rb.rebalances else None, "probes": probed}
     print(sync_row, flush=True)
     rb.close()
     write_json(args.json, meta(command="python benchmarks/bench_rebalancer.py", **vars(args)), rows + [sync_row])

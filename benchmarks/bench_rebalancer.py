@@ -43,7 +43,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--slots", type=int, default=72)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=24, help="steps per run (the rebalance is ordered half way)")
+    parser.add_argument("--steps", type=int, default=24, help="steps per round (the rebalance is ordered half way)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, one rebalance each")
     parser.add_argument("--layers-per-step", type=int, default=1, help="async: layers committed per step")
     parser.add_argument("--touch-target", action="store_true",

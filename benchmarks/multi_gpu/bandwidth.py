@@ -39,6 +39,7 @@ from benchmarks.multi_gpu.common import (
     finish,
     gathered_max,
     join,
+    land,
     parser,
     read_layer_loads,
 )
@@ -217,11 +218,7 @@ def async_runs(args, group: Group, weights: ExpertWeights, serving: Placement, o
             migration=MigrationConfig(max_peers=args.max_peers, staging_bytes=args.staging_bytes,
                                       timeout_s=args.migration_timeout_s)))
         with_rb = run(rb, other)
-        for _ in range(100):  # a commit waits for every rank's staging: land the rest, untimed (same on every rank)
-            if not rb.migrating:
-                break
-            rb.recorder.step()
-            rb.step()
+        land(rb)
         rb.close()
         record = rb.rebalances[-1] if rb.rebalances else None
         out.append({"round": round_, "steps": steps, **step_overhead([t for t, _ in base[2:]], with_rb[2:]),

@@ -159,6 +159,18 @@ def gathered_max(values: list[float], group: Group) -> list[float]:
     return t.tolist()
 
 
+def land(rebalancer: Any, limit: int = 100) -> int:
+    """Untimed steps (the recorder's and the rebalancer's only) until no rebalance is moving; how many. A
+    commit waits until every rank has staged, so the last timed step may leave one in flight; every rank sees
+    the same commits and takes the same steps."""
+    steps = 0
+    while rebalancer.migrating and steps < limit:
+        rebalancer.recorder.step()
+        rebalancer.step()
+        steps += 1
+    return steps
+
+
 def read_layer_loads(path: str | None, layers: int, experts: int) -> torch.Tensor:
     """``[layers, experts]`` float64 expected expert loads from a loads file (None: the bundled DeepSeek-V3
     MMLU example): its MoE layers (dense all-zero rows dropped) summed over its steps, ``layers`` of them

@@ -40,6 +40,7 @@ from benchmarks.multi_gpu.common import (
     finish,
     gathered_max,
     join,
+    land,
     parser,
     read_layer_loads,
 )
@@ -218,6 +219,7 @@ def shift_run(args, group: Group, model: Model, start, inputs: Callable[[int, in
 
     steps = serve(layers, inputs, args.shift_steps, group, args.tokens, after_step)
     if rb is not None:
+        land(rb)
         rb.close()
     return {"steps": steps, "rebalances": [] if rb is None else [
         {"step": r.step, "moves": r.report.moves, "predicted": [r.decision.before, r.decision.after],

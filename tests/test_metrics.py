@@ -195,11 +195,13 @@ def test_report_max_over_mean_and_layer_mean():
 
 
 def test_replicas_needed_in_a_buffer_equal_the_per_expert_counts():
-    from eplb.metrics import _replicas_needed, _replicas_needed_per_expert
+    from eplb.metrics import _replicas_needed_per_expert
 
     gen = torch.Generator().manual_seed(0)
     load = torch.rand(6, 10, generator=gen, dtype=torch.float64) ** 3 * 50
     t = torch.rand(6, 1, generator=gen, dtype=torch.float64) * 5
     t[2], t[4] = 0.0, -1.0  # no threshold yet: one replica per expert
-    got = _replicas_needed(load, t, torch.empty_like(load))
-    assert torch.equal(got, _replicas_needed_per_expert(load, t).sum(1, keepdim=True))
+    per_expert = torch.where(t > 0, torch.ceil(load / torch.where(t > 0, t, 1.0)).clamp(min=1), 1.0)
+    got = _replicas_needed_per_expert(load, t, torch.empty_like(load)).sum(1, keepdim=True)
+    assert torch.equal(got, per_expert.sum(1, keepdim=True))
+    assert torch.equal(_replicas_needed_per_expert(load, t), per_expert)

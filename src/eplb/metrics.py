@@ -67,7 +67,7 @@ def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tens
     scratch = torch.empty_like(load)  # one [L, E] buffer for every round (a hot path of online planning)
     for _ in range(64):
         mid = (lo + hi) / 2
-        feasible = _replicas_needed(load, mid, scratch) <= num_slots
+        feasible = _replicas_needed_per_expert(load, mid, scratch).sum(1, keepdim=True) <= num_slots
         hi = torch.where(feasible, mid, hi)
         lo = torch.where(feasible, lo, mid)
     counts = _replicas_needed_per_expert(load, hi)
@@ -75,18 +75,12 @@ def lower_bound(load: torch.Tensor, num_gpus: int, num_slots: int) -> torch.Tens
     return torch.maximum(replica_bound, load.sum(1) / num_gpus)
 
 
-def _replicas_needed_per_expert(load: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    safe_t = torch.where(t > 0, t, 1.0)
-    need = torch.ceil(load / safe_t).clamp(min=1)
-    return torch.where(t > 0, need, 1.0)
-
-
-def _replicas_needed(load: torch.Tensor, t: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """``_replicas_needed_per_expert(load, t).sum(1, keepdim=True)``, computed in ``scratch`` (like ``load``);
-    a row with ``t <= 0`` needs one replica per expert."""
+def _replicas_needed_per_expert(load: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L, E]`` the fewest replicas keeping each of ``load``'s under the per-layer threshold ``t [L, 1]``:
+    ``max(1, ceil(load / t))``, and 1 where ``t <= 0``; computed in ``out`` (like ``load``) when given."""
     positive = t > 0
-    need = torch.div(load, torch.where(positive, t, 1.0), out=scratch).ceil_().clamp_(min=1)
-    return torch.where(positive, need.sum(1, keepdim=True), float(load.shape[1]))
+    need = torch.div(load, torch.where(positive, t, 1.0), out=out).ceil_().clamp_(min=1)
+    return need.masked_fill_(~positive, 1.0)
 
 
 def duplicates(placement: Placement) -> torch.Tensor:

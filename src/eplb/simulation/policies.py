@@ -88,12 +88,17 @@ class History:
     def recent(self, steps: int) -> torch.Tensor:
         """``[min(steps, seen), L, E]``: the last ``steps`` observed steps, oldest first. A view of the ring
         when they lie in one piece of it (no copy): valid until the next ``push``."""
-        cap = self._ring.shape[0]
-        n = min(steps, self.count, cap)
-        first = (self.count - n) % cap
-        if first + n <= cap:
-            return self._ring[first : first + n]
-        return torch.cat([self._ring[first:], self._ring[: first + n - cap]])
+        n = min(steps, self.count, self._ring.shape[0])
+        return _ring_rows(self._ring, self.count - n, n)
+
+
+def _ring_rows(ring: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """Rows ``first, ..., first + n - 1`` (mod the length) of ``ring``, oldest first: a view when they lie in
+    one piece of it, else a copy."""
+    start = first % ring.shape[0]
+    if start + n <= ring.shape[0]:
+        return ring[start : start + n]
+    return torch.cat([ring[start:], ring[: start + n - ring.shape[0]]])
 
 
 class _GpuLoads:
@@ -122,10 +127,7 @@ class _GpuLoads:
                 loads = loads[torch.tensor(todo) - todo[0]]
             for s, gpu in zip(todo, self.placement.gpu_load(loads), strict=True):
                 self._ring[s % cap], self._held[s % cap] = gpu, s
-        start, stop = first % cap, first % cap + steps
-        if stop <= cap:  # in one piece of the ring: a view
-            return self._ring[start:stop]
-        return torch.cat([self._ring[start:], self._ring[: stop - cap]])
+        return _ring_rows(self._ring, first, steps)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 against the same steps without a rebalancer, and the sync rebalance's copy rate against the HBM copy bound.
 
     python benchmarks/bench_rebalancer.py --json out.json          # H200: DeepSeek-V3 expert shapes, bf16
+    python benchmarks/bench_rebalancer.py --fp8 --json out.json    # the rebalancer moves fp8 experts + scales
     python benchmarks/bench_rebalancer.py --small                  # CPU smoke run
 
 One process is a one-rank EP group, so every move is a local copy (staged, checksummed, committed), and
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import eplb
+from bench_runtime_migration import expert_tensors
 from eplb import ExpertLoadRecorder
 from eplb.runtime.migration import ExpertWeights, MigrationConfig
 from eplb.runtime.moe import EPMoE, EPMoEConfig, local_slot_weights
@@ -50,6 +52,10 @@ def parse() -> argparse.Namespace:
                         help="before the first round, run one untimed forward of every layer on the target placement's "
                              "tables (wrong experts, right shapes): separates the layer's first use of a placement "
                              "from the migration's cost")
+    parser.add_argument("--fp8", action="store_true",
+                        help="the rebalancer moves fp8 e4m3 experts with float32 128x128 block scales (random bytes, "
+                             "registered beside the layers, which keep computing in bf16 on theirs: a step's compute "
+                             "stays the bf16 reference's, and after a commit it uses the wrong experts' weights)")
     parser.add_argument("--json", default=None)
     return parser.parse_args()
 
@@ -104,7 +110,7 @@ def _compiled_kernels() -> int:
 
 def main() -> None:
     args = parse()
-    hidden, inter = (64, 32) if args.small else (7168, 2048)
+    hidden, inter = (128, 128) if args.small else (7168, 2048)
     if args.small:
         args.experts, args.slots, args.tokens, args.layers = 16, 20, 256, 2
     cuda = torch.cuda.is_available()
@@ -124,7 +130,6 @@ def main() -> None:
         fulls.append({"w13": torch.randn(args.experts, 2 * inter, hidden, device=device, dtype=dtype, generator=gen),
                       "w2": torch.randn(args.experts, hidden, inter, device=device, dtype=dtype, generator=gen)})
     x = torch.randn(args.tokens, hidden, device=device, dtype=dtype, generator=gen)
-    expert_bytes = sum(t[0].numel() * t.element_size() for t in fulls[0].values())
 
     start = eplb.plan(torch.ones(args.layers, args.experts), num_gpus=1, num_slots=args.slots, algorithm="linear")
     moved = start.phy2log.clone()
@@ -138,11 +143,13 @@ def main() -> None:
         table switch (``set_placement``, the engine's part of a commit), and each step's ``Probes``."""
 
         def __init__(self, with_rebalancer: bool) -> None:
-            weights = ExpertWeights([local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)])
+            slots = [local_slot_weights(f, start, 0, layer) for layer, f in enumerate(fulls)]
             self.recorder = ExpertLoadRecorder(args.layers, args.slots, window=args.steps, device=device)
-            self.layers = [EPMoE(config, start, layer, weights.tensors(layer), routers[layer], recorder=self.recorder)
+            self.layers = [EPMoE(config, start, layer, slots[layer], routers[layer], recorder=self.recorder)
                            for layer in range(args.layers)]
-            self.weights, self.rb = weights, None
+            if args.fp8 and with_rebalancer:
+                slots = [expert_tensors(args.slots, hidden, inter, True, device) for _ in slots]
+            self.weights, self.rb = ExpertWeights(slots), None
             if with_rebalancer:
                 self.rb = self.rebalancer("async", start)
             self.host: list[float] = []
@@ -196,6 +203,7 @@ def main() -> None:
 
     probes = Probes(device)
     plain, served = Server(False), Server(True)
+    expert_bytes = served.weights.bytes_per_slot(0)
     fulls.clear()  # both servers hold their own slots: room for 16,384-token steps of six DeepSeek-V3 layers
     if args.touch_target:
         for layer in served.layers:
